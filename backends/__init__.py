@@ -1,0 +1,1 @@
+"""Framework backends of the Mistral spec; each is imported only when chosen."""

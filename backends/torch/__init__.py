@@ -1,0 +1,1 @@
+"""The Mistral spec in PyTorch (CUDA, MPS, CPU)."""

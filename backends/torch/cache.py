@@ -1,0 +1,66 @@
+"""The rotating KV cache in PyTorch: it stores and reads where the shared plan says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mistral.cache import KeyLayout, StepPlan
+
+
+@dataclass
+class Step:
+    """A StepPlan on the device, made once per forward and shared by every layer."""
+
+    keys: KeyLayout
+    cos: torch.Tensor  # (B, T, 1, D/2) float32, RoPE angle of every new token and pair
+    sin: torch.Tensor  # (B, T, 1, D/2)
+    mask: torch.Tensor  # (B, 1, T, K) bool, broadcast over heads
+    rows: torch.Tensor  # (M,) int64
+    cols: torch.Tensor  # (M,) int64
+    slots: torch.Tensor  # (M,) int64
+
+    @classmethod
+    def from_plan(cls, plan: StepPlan, inv_freq: torch.Tensor) -> Step:
+        device = inv_freq.device
+
+        def put(a):
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        angles = put(plan.positions)[..., None, None] * inv_freq  # (B, T, 1, D/2)
+        return cls(
+            keys=plan.keys,
+            cos=angles.cos(),
+            sin=angles.sin(),
+            mask=put(plan.mask)[:, None],
+            rows=put(plan.store_rows),
+            cols=put(plan.store_cols),
+            slots=put(plan.store_slots),
+        )
+
+
+class RotatingCache:
+    """Keys and values of every layer, (L, B, Hkv, S, D), preallocated once."""
+
+    def __init__(self, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        shape = (n_layers, batch, n_kv_heads, size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, step: Step
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores new (B, T, Hkv, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""
+        cache_k, cache_v = self.k[layer], self.v[layer]  # (B, Hkv, S, D)
+        if step.keys == "new":
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        elif step.keys == "cache+new":  # read the old slots before this chunk overwrites them
+            keys = torch.cat([cache_k, k.transpose(1, 2)], dim=2)
+            values = torch.cat([cache_v, v.transpose(1, 2)], dim=2)
+        cache_k[step.rows, :, step.slots] = k[step.rows, step.cols]  # (M, Hkv, D)
+        cache_v[step.rows, :, step.slots] = v[step.rows, step.cols]
+        if step.keys == "cache":
+            keys, values = cache_k, cache_v
+        return keys, values

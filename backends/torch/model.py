@@ -1,0 +1,143 @@
+"""The Mistral transformer in PyTorch; attribute names equal the checkpoint keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.torch.cache import RotatingCache, Step
+from mistral.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalize in float32, cast back, then scale
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def apply_rope(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, T, H, D) by each token's angles."""
+    cos, sin = step.cos, step.sin  # (B, T, 1, D/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: RotatingCache,
+        layer: int,
+        step: Step,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, step), apply_rope(k, step)
+
+        keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, H, T, D)
+            keys,
+            values,
+            attn_mask=step.mask,  # (B, 1, T, K)
+            scale=self.scale,
+            enable_gqa=True,  # n_heads / n_kv_heads query heads share each key/value head
+        )  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        assert args.moe is not None
+        self.num_experts_per_tok = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = nn.ModuleList([FeedForward(args) for _ in range(args.moe.num_experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, dim)
+        logits = self.gate(x)  # (N, E)
+        weights, chosen = torch.topk(logits, self.num_experts_per_tok)  # (N, k)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(chosen == e)  # the tokens that chose expert e
+            if len(tok):
+                out.index_add_(0, tok, weights[tok, slot, None] * expert(x[tok]))
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: RotatingCache,
+        layer: int,
+        step: Step,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cache, layer, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList([TransformerBlock(args) for _ in range(args.n_layers)])
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        cache: RotatingCache,
+        step: Step,
+        last: torch.Tensor | None = None,  # (B,) index of the one position per row to project
+    ) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache, i, step)
+        if last is not None:
+            h = h[torch.arange(len(h), device=h.device), last][:, None]  # (B, 1, dim)
+        return self.output(self.norm(h)).float()  # (B, T, V) float32 logits

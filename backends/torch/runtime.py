@@ -1,0 +1,142 @@
+"""The small surface mistral/ calls: build a Transformer from raw tensors, run one planned step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from backends.torch.cache import RotatingCache, Step
+from backends.torch.model import Transformer
+from mistral.args import ModelArgs
+from mistral.cache import StepPlan
+from mistral.errors import MistralError
+from mistral.rope import inv_frequencies
+from mistral.weights import RawTensor, check_tensors
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """ "cpu", "cuda", "cuda:N" or "mps"; None picks CUDA, then MPS, then the CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MistralError(
+            f"unknown torch device {device!r}: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MistralError(f"device {device!r} is not available: this torch sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise MistralError(f"device {device!r} is not available: {n} CUDA GPU(s) present")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MistralError(f"device {device!r} is not available on this machine")
+    elif dev.type != "cpu":
+        raise MistralError(f"unsupported torch device {device!r}: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """None picks bfloat16 on CUDA that supports it, float16 on MPS, float32 on the CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if dtype not in DTYPES:
+        raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise MistralError(f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}")
+    return DTYPES[dtype]
+
+
+def to_torch(t: RawTensor) -> torch.Tensor:
+    data = np.array(t.data)  # a writable copy of one (possibly memory-mapped) tensor
+    if t.dtype == "bfloat16":
+        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+    return torch.from_numpy(data).reshape(t.shape)
+
+
+class TorchRunner:
+    """A Transformer on one device and dtype, run step by step through a RotatingCache."""
+
+    backend = "torch"
+
+    def __init__(self, args: ModelArgs, model: Transformer, device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        self.args = args
+        self.model = model
+        self.torch_device = device
+        self.torch_dtype = dtype
+        self.device = str(device)
+        self.dtype = str(dtype).removeprefix("torch.")
+        inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
+        self.inv_freq = torch.from_numpy(inv_freq).to(device)
+
+    def new_cache(self, batch: int, size: int) -> RotatingCache:
+        a = self.args
+        return RotatingCache(a.n_layers, batch, size, a.n_kv_heads, a.head_dim,
+                             self.torch_dtype, self.torch_device)  # fmt: skip
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: np.ndarray, plan: StepPlan, cache: RotatingCache, last_only: bool
+    ) -> np.ndarray:
+        """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
+        step = Step.from_plan(plan, self.inv_freq)
+        x = torch.from_numpy(tokens).to(self.torch_device)
+        last = None
+        if last_only:
+            last = torch.from_numpy(np.maximum(plan.valid.sum(1) - 1, 0)).to(self.torch_device)
+        out = self.model(x, cache, step, last)
+        out = out[:, 0] if last_only else out
+        return out.cpu().numpy()
+
+
+def build(args: ModelArgs, tensors: Mapping[str, RawTensor], device: str | None,
+          dtype: str | None, source: str = "checkpoint") -> TorchRunner:  # fmt: skip
+    check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {k: to_torch(t).to(dev, dt) for k, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return TorchRunner(args, model, dev, dt)
+
+
+def read_pth(path: str) -> dict[str, RawTensor]:
+    """A consolidated.00.pth as RawTensors: weights_only (no pickle code runs) and memory-mapped."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MistralError(f"{path}: not a plain tensor checkpoint ({first})") from None
+    if not isinstance(state, dict):
+        raise MistralError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise MistralError(f"{path}: {name} is a {type(t).__name__}, not a tensor")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype == "bfloat16":
+            data = t.view(torch.int16).numpy().view(np.uint16)
+        elif dtype in ("float32", "float16"):
+            data = t.numpy()
+        else:
+            raise MistralError(f"{path}: {name} has unsupported dtype {dtype}")
+        out[name] = RawTensor(dtype, tuple(t.shape), data.reshape(-1))
+    return out

@@ -1,0 +1,54 @@
+"""What a backend provides to mistral/, and how one is imported when chosen."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from mistral.args import ModelArgs
+from mistral.cache import StepPlan
+from mistral.errors import MistralError
+from mistral.weights import RawTensor
+
+BACKENDS = {"torch": "torch", "mlx": "mlx"}  # backend name -> the package it needs
+
+
+class Runner(Protocol):
+    """A model on one device and dtype that runs one planned step at a time."""
+
+    backend: str
+    device: str
+    dtype: str
+    args: ModelArgs
+
+    def new_cache(self, batch: int, size: int) -> Any: ...
+
+    def forward(
+        self, tokens: np.ndarray, plan: StepPlan, cache: Any, last_only: bool
+    ) -> np.ndarray: ...
+
+
+def runtime(backend: str) -> Any:
+    """The backend's runtime module (``build``, ``read_pth``); imports its framework now."""
+    if backend not in BACKENDS:
+        raise MistralError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
+    try:
+        importlib.import_module(BACKENDS[backend])
+    except ImportError:
+        extra = f"pip install '.[{backend}]'"
+        raise MistralError(f"backend {backend!r} needs {BACKENDS[backend]}: {extra}") from None
+    return importlib.import_module(f"backends.{backend}.runtime")
+
+
+def build(
+    backend: str,
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    device: str | None,
+    dtype: str | None,
+    source: str,
+) -> Runner:
+    return runtime(backend).build(args, tensors, device, dtype, source)

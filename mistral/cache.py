@@ -1,0 +1,151 @@
+"""Cache bookkeeping shared by both backends: which token sits in which slot, and who sees whom.
+
+Everything here is numpy. A backend only gathers, scatters and attends with what it is given.
+
+Each row of a batch owns a rotating buffer of ``size`` slots. A token at absolute position ``p``
+goes to slot ``p % size``; ``slot_pos[b, s]`` is the position each slot holds (-1 while empty).
+Every key, cached or new, carries its absolute position, so one rule gives every mask:
+
+    key k is visible to query q  iff  same row, k holds a token, pos(k) <= pos(q)
+                                      and pos(q) - pos(k) < window (when the model has one)
+
+Worked example: window 4, buffer size 4, one row that has already seen 6 tokens (positions 0..5), so
+``slot_pos = [4, 5, 2, 3]`` (slot = pos % 4). A chunk of 3 new tokens arrives:
+
+    positions  = [6, 7, 8]
+    stored     = all 3 (at most ``size`` newest are kept), slots [6 % 4, 7 % 4, 8 % 4] = [2, 3, 0]
+    keys       = the 4 cached slots, then the 3 new tokens: positions [4, 5, 2, 3 | 6, 7, 8]
+    mask (q\\k)      4  5  2  3 | 6  7  8
+        q=6         1  1  0  1 | 1  0  0      6-2 = 4 is not < 4: position 2 has left the window
+        q=7         1  1  0  0 | 1  1  0
+        q=8         0  1  0  0 | 1  1  1      and position 4 has left it for q=8
+    slot_pos after = [8, 5, 6, 7]
+
+Attention here must read the old cache before the chunk overwrites slots 2 and 3 (position 3 is
+still visible to q=6), so the plan says ``keys="cache+new"``. A decoded token only ever evicts a
+position that has just left its window, so for decode the plan says ``keys="cache"``: the backend
+writes first and attends over the buffer alone (a static shape). A first prefill, with nothing
+cached, attends over the new tokens alone: ``keys="new"``.
+
+Rows of a batch may differ in both new and cached lengths: new tokens are laid out padded, (B, T)
+with T the longest; padding is never stored and its queries see every key (outputs discarded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from mistral.errors import MistralError
+
+KeyLayout = Literal["cache", "cache+new", "new"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one forward step needs to know; B rows, T = longest new length, S = buffer size."""
+
+    positions: np.ndarray  # (B, T) int64, absolute position of every new token (0 on padding)
+    valid: np.ndarray  # (B, T) bool, False on padding
+    store_rows: np.ndarray  # (M,) int64, row b of each new token that is written
+    store_cols: np.ndarray  # (M,) int64, its index t among the row's new tokens
+    store_slots: np.ndarray  # (M,) int64, the slot (position % S) it is written to
+    keys: KeyLayout  # what attention reads: see the module docstring
+    mask: np.ndarray  # (B, T, K) bool; K = S, S + T or T for "cache", "cache+new", "new"
+    key_positions: np.ndarray  # (B, K) int64, absolute position of every key, -1 if empty
+    lengths: np.ndarray  # (B,) int64, tokens seen per row before this step (RoPE offsets)
+
+
+def visibility(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
+    """The one rule: (B, T) query positions, (B, K) key positions (-1 = empty) -> (B, T, K) bool."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+class CacheBook:
+    """The slot bookkeeping of a batch of rotating buffers; ``step`` plans one forward and advances.
+
+    Example: ``book = CacheBook(batch=2, size=4, window=4); plan = book.step([3, 1])``.
+    """
+
+    def __init__(self, batch: int, size: int, window: int | None) -> None:
+        if size <= 0 or batch <= 0:
+            raise MistralError(f"cache needs batch > 0 and size > 0, got {batch} and {size}")
+        if window is not None and size < window:
+            raise MistralError(f"cache size {size} is smaller than the sliding window {window}")
+        self.size = size
+        self.window = window
+        self.slot_pos = np.full((batch, size), -1, dtype=np.int64)  # (B, S)
+        self.lengths = np.zeros(batch, dtype=np.int64)  # (B,)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def step(self, seqlens: list[int] | np.ndarray) -> StepPlan:
+        """Plans feeding ``seqlens[b]`` new tokens to row b (0 leaves it alone) and records them."""
+        seqlens = np.asarray(seqlens, dtype=np.int64)
+        B, S = self.batch, self.size
+        if seqlens.shape != (B,) or (seqlens < 0).any() or seqlens.sum() == 0:
+            raise MistralError(f"seqlens must be {B} non-negative counts, not all 0: {seqlens}")
+        if self.window is None and (self.lengths + seqlens > S).any():
+            raise MistralError(
+                f"sequence of {int((self.lengths + seqlens).max())} tokens exceeds the cache of {S}"
+            )
+        T = int(seqlens.max())
+        t = np.arange(T)
+        valid = t[None, :] < seqlens[:, None]  # (B, T)
+        positions = np.where(valid, self.lengths[:, None] + t[None, :], 0)  # (B, T)
+
+        # Only the newest `S` tokens of a row are written: older ones would be overwritten at once.
+        stored = valid & (t[None, :] >= seqlens[:, None] - S)  # (B, T)
+        rows, cols = np.nonzero(stored)
+        slots = positions[rows, cols] % S
+
+        new_slot_pos = self.slot_pos.copy()
+        new_slot_pos[rows, slots] = positions[rows, cols]
+        new_pos = np.where(valid, positions, -1)  # (B, T), -1 marks padding keys
+
+        keys = self._layout(seqlens, rows, slots)
+        key_positions = {
+            "cache": new_slot_pos,
+            "cache+new": np.concatenate([self.slot_pos, new_pos], axis=1),
+            "new": new_pos,
+        }[keys]
+        mask = visibility(positions, key_positions, self.window)
+        mask |= ~valid[:, :, None]  # padding queries see everything, so no row of the mask is empty
+
+        plan = StepPlan(
+            positions=positions,
+            valid=valid,
+            store_rows=rows,
+            store_cols=cols,
+            store_slots=slots,
+            keys=keys,
+            mask=mask,
+            key_positions=key_positions,
+            lengths=self.lengths.copy(),
+        )
+        self.slot_pos = new_slot_pos
+        self.lengths = self.lengths + seqlens
+        return plan
+
+    def _layout(self, seqlens: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> KeyLayout:
+        if (self.slot_pos < 0).all():
+            return "new"  # nothing cached in any row: attend over the new tokens alone
+        if (seqlens > self.size).any():
+            return "cache+new"  # some new tokens are never stored but later queries need them
+        if self.window is not None:
+            # Writing first is safe iff no evicted position is still visible to a query of its row;
+            # the first new query of a row is the one that looks furthest back.
+            evicted = self.slot_pos[rows, slots]
+            first_q = self.lengths[rows]
+            if ((evicted >= 0) & (first_q - evicted < self.window)).any():
+                return "cache+new"
+        return "cache"

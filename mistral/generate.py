@@ -1,0 +1,123 @@
+"""The generation loop, framework-neutral: chunked prefill, then one token per row per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from mistral.backend import Runner
+from mistral.cache import CacheBook
+from mistral.errors import MistralError
+from mistral.sampling import sample
+
+
+def check_batch(batch: list[list[int]], vocab_size: int) -> None:
+    """Rejects empty batches, empty rows and ids outside the vocabulary, naming the row."""
+    if not batch:
+        raise MistralError("the batch is empty")
+    for i, row in enumerate(batch):
+        if len(row) == 0:
+            raise MistralError(f"row {i} is empty")
+        a = np.asarray(row)
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise MistralError(f"row {i} is not a list of integer token ids")
+        bad = a[(a < 0) | (a >= vocab_size)]
+        if len(bad):
+            raise MistralError(f"row {i}: token id {int(bad[0])} is outside the vocabulary "
+                               f"[0, {vocab_size})")  # fmt: skip
+
+
+def cache_size(window: int | None, longest: int) -> int:
+    """The rotating buffer holds the sliding window, or the longest sequence when there is none."""
+    return window if window is not None else longest
+
+
+def pad(rows: list[list[int]]) -> np.ndarray:
+    """(B, T) int64 ids, zero-padded on the right."""
+    out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out
+
+
+class Session:
+    """One batch of rows with their cache: feed tokens, get logits. Chat keeps one across turns."""
+
+    def __init__(self, runner: Runner, batch: int, size: int) -> None:
+        self.runner = runner
+        self.book = CacheBook(batch, size, runner.args.sliding_window)
+        self.cache = runner.new_cache(batch, size)
+
+    def feed(self, rows: list[list[int]], chunk_size: int | None, last_only: bool):
+        """Feeds rows their new tokens (maybe none) in chunks; yields (seqlens, logits) each."""
+        longest = max(len(r) for r in rows)
+        chunk = chunk_size or longest
+        if chunk <= 0:
+            raise MistralError(f"chunk_size must be positive, got {chunk_size}")
+        for start in range(0, longest, chunk):
+            pieces = [r[start : start + chunk] for r in rows]
+            seqlens = [len(p) for p in pieces]
+            plan = self.book.step(seqlens)
+            yield seqlens, self.runner.forward(pad(pieces), plan, self.cache, last_only)
+
+
+def all_logits(runner: Runner, batch: list[list[int]], chunk_size: int | None) -> list[np.ndarray]:
+    check_batch(batch, runner.args.vocab_size)
+    longest = max(len(r) for r in batch)
+    session = Session(runner, len(batch), cache_size(runner.args.sliding_window, longest))
+    outs: list[list[np.ndarray]] = [[] for _ in batch]
+    for seqlens, logits in session.feed(batch, chunk_size, last_only=False):
+        for b, n in enumerate(seqlens):
+            outs[b].append(logits[b, :n])
+    return [np.concatenate(o) for o in outs]
+
+
+def stream(
+    runner: Runner,
+    prompts: list[list[int]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    chunk_size: int | None = None,
+    session: Session | None = None,
+) -> Iterator[list[int | None]]:
+    """Yields, per step, the new token of every row (None once a row has produced ``eos_id``)."""
+    check_batch(prompts, runner.args.vocab_size)
+    if max_tokens < 0:
+        raise MistralError(f"max_tokens must be >= 0, got {max_tokens}")
+    if not 0 < top_p <= 1:
+        raise MistralError(f"top_p must be in (0, 1], got {top_p}")
+    if session is None:
+        longest = max(len(p) for p in prompts) + max_tokens
+        session = Session(runner, len(prompts), cache_size(runner.args.sliding_window, longest))
+    rng = np.random.default_rng(seed)
+    B = len(prompts)
+    last = np.zeros((B, runner.args.vocab_size), dtype=np.float32)
+    for seqlens, logits in session.feed(prompts, chunk_size, last_only=True):
+        for b, n in enumerate(seqlens):
+            if n:  # the row's last logits so far; its final chunk leaves the prompt's last
+                last[b] = logits[b]
+    done = np.zeros(B, dtype=bool)
+    for i in range(max_tokens):
+        tokens = sample(last, temperature, top_p, rng)
+        yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
+        if eos_id is not None:
+            done |= tokens == eos_id
+        if done.all() or i == max_tokens - 1:
+            return
+        rows = [[] if d else [int(t)] for t, d in zip(tokens, done, strict=True)]
+        [(_, logits)] = session.feed(rows, None, last_only=True)
+        last = np.where(done[:, None], last, logits)
+
+
+def generate(runner: Runner, prompts: list[list[int]], max_tokens: int, **kw) -> list[list[int]]:
+    """New token ids per row, stopping a row after ``eos_id`` (which is kept) or ``max_tokens``."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(runner, prompts, max_tokens, **kw):
+        for b, t in enumerate(step):
+            if t is not None:
+                out[b].append(t)
+    return out

@@ -1,0 +1,100 @@
+"""Checkpoint tensor names and shapes of the spec, and the check that a checkpoint matches them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from mistral.args import ModelArgs
+from mistral.errors import MistralError
+
+# The dtypes a checkpoint may hold. numpy has no bfloat16: its bits travel as uint16.
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor without a framework: ``data`` is a numpy view (bfloat16 as uint16 bits)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def to_numpy(self) -> np.ndarray:
+        """A float32 copy (exact: every supported dtype widens losslessly)."""
+        if self.dtype == "bfloat16":
+            return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        return self.data.astype(np.float32).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def from_numpy(a: np.ndarray, dtype: str | None = None) -> RawTensor:
+    """Wraps a float array, cast to ``dtype`` (bfloat16 rounds to nearest even)."""
+    dtype = dtype or str(a.dtype)
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+        return RawTensor("bfloat16", tuple(a.shape), rounded.astype(np.uint16))
+    if dtype not in DTYPES:
+        raise MistralError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
+    return RawTensor(dtype, tuple(a.shape), np.ascontiguousarray(a, dtype=dtype))
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the spec, named by its checkpoint key, in the order of the forward."""
+    d, h, v, hd = args.dim, args.hidden_dim, args.vocab_size, args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "attention.wq.weight"] = (args.n_heads * hd, d)
+        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * hd, d)
+        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * hd, d)
+        shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        if args.moe is None:
+            ffns = [p + "feed_forward."]
+        else:
+            shapes[p + "feed_forward.gate.weight"] = (args.moe.num_experts, d)
+            ffns = [p + f"feed_forward.experts.{e}." for e in range(args.moe.num_experts)]
+        for f in ffns:
+            shapes[f + "w1.weight"] = (h, d)
+            shapes[f + "w2.weight"] = (d, h)
+            shapes[f + "w3.weight"] = (h, d)
+    shapes["norm.weight"] = (d,)
+    shapes["output.weight"] = (v, d)
+    return shapes
+
+
+def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Raises one error listing missing, unexpected and wrongly shaped tensors."""
+    want = expected_shapes(args)
+    problems = []
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    wrong = [f"{k} {tuple(shapes[k])} != {want[k]}" for k in want
+             if k in shapes and tuple(shapes[k]) != want[k]]  # fmt: skip
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise MistralError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> dict[str, RawTensor]:
+    """Seeded random weights of the spec's shapes (tests and benchmarks without a checkpoint)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(args).items():
+        if name.endswith("norm.weight"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            a = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1], dtype=np.float32)
+        out[name] = from_numpy(a, dtype)
+    return out

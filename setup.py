@@ -1,0 +1,19 @@
+"""Packaging: the neutral spec installs alone; each backend is an extra."""
+
+from setuptools import setup
+
+setup(
+    name="mistral-reference",
+    version="0.1.0",
+    description="Reference Mistral/Mixtral inference on PyTorch and MLX, and a cross-backend diff",
+    python_requires=">=3.10",
+    packages=["mistral", "backends", "backends.torch", "backends.mlx"],
+    install_requires=["numpy", "sentencepiece", "simple-parsing", "tqdm"],
+    extras_require={
+        # Install torch yourself first when you need a specific build (see README).
+        "torch": ["torch>=2.5"],
+        "mlx": ["mlx>=0.26"],
+        "test": ["pytest", "ruff", "transformers", "mlx-lm", "mistral-common", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["mistral = mistral.cli:main"]},
+)

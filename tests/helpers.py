@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny configs, seeded Hugging Face reference models, folders on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mistral.args import ModelArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def tiny(name: str) -> ModelArgs:
+    """A config from configs/ (tiny-dense, tiny-window, tiny-moe, ...)."""
+    return ModelArgs.from_file(CONFIGS / f"{name}.json")
+
+
+def random_rows(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def hf_model(args: ModelArgs, seed: int = 0):
+    """A float32 Mistral/MixtralForCausalLM with seeded weights large enough to matter."""
+    import torch
+    import transformers
+
+    from mistral import hf
+
+    config = hf.config_from_args(args, "float32")
+    if args.moe:
+        cls, cfg_cls = transformers.MixtralForCausalLM, transformers.MixtralConfig
+    else:
+        cls, cfg_cls = transformers.MistralForCausalLM, transformers.MistralConfig
+    cfg = cfg_cls(**config)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model
+
+
+def hf_logits(model, rows: list[list[int]]) -> list[np.ndarray]:
+    """One uncached HF forward per row, float32 logits (T, V)."""
+    import torch
+
+    with torch.no_grad():
+        return [model(torch.tensor([r])).logits[0].float().numpy() for r in rows]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Hugging Face's own cached greedy generation, never stopping at EOS.
+
+    (min_new_tokens would not do: it hides EOS from the argmax instead of letting it through.)
+    """
+    import torch
+
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def save_hf(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def hf_to_mistral_folder(hf_dir: Path, out: Path) -> Path:
+    """Reads an HF folder with our reader (un-permuting wq/wk) and writes Mistral's layout."""
+    from mistral.checkpoint import read_checkpoint, write_mistral_folder
+
+    ckpt = read_checkpoint(hf_dir)
+    write_mistral_folder(out, ckpt.args, ckpt.tensors)
+    return out
