@@ -82,3 +82,32 @@ def hf_to_mistral_folder(hf_dir: Path, out: Path) -> Path:
     ckpt = read_checkpoint(hf_dir)
     write_mistral_folder(out, ckpt.args, ckpt.tensors)
     return out
+
+
+def mlx_lm_model(args: ModelArgs, tensors: dict):
+    """mlx-lm's own Mistral (llama) or Mixtral model holding the same weights, in float32.
+
+    mlx-lm reads Hugging Face's layout, so the weights go through our HF conversion (wq/wk rows
+    permuted into half order, which mlx-lm rotates with traditional=False).
+    """
+    import mlx.core as mx
+
+    from mistral import hf
+
+    config = hf.config_from_args(args, "float32")
+    if args.moe:
+        from mlx_lm.models import mixtral as family
+    else:
+        from mlx_lm.models import llama as family
+    model = family.Model(family.ModelArgs.from_dict(config))
+    weights = {k: mx.array(t.to_numpy()) for k, t in hf.tensors_to_hf(args, tensors).items()}
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_logits(model, rows: list[list[int]]) -> list[np.ndarray]:
+    """One uncached mlx-lm forward per row, float32 logits (T, V)."""
+    import mlx.core as mx
+
+    return [np.array(model(mx.array([r]))[0].astype(mx.float32)) for r in rows]

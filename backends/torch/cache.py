@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mistral.cache import KeyLayout, StepPlan
@@ -14,21 +15,19 @@ class Step:
     """A StepPlan on the device, made once per forward and shared by every layer."""
 
     keys: KeyLayout
-    cos: torch.Tensor  # (B, T, 1, D/2) float32, RoPE angle of every new token and pair
-    sin: torch.Tensor  # (B, T, 1, D/2)
+    cos: torch.Tensor  # (B, 1, T, D/2) float32, RoPE angles of every new token and pair
+    sin: torch.Tensor  # (B, 1, T, D/2)
     mask: torch.Tensor  # (B, 1, T, K) bool, broadcast over heads
     rows: torch.Tensor  # (M,) int64
     cols: torch.Tensor  # (M,) int64
     slots: torch.Tensor  # (M,) int64
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, inv_freq: torch.Tensor) -> Step:
-        device = inv_freq.device
-
-        def put(a):
+    def from_plan(cls, plan: StepPlan, inv_freq: np.ndarray, device: torch.device) -> Step:
+        def put(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
-        angles = put(plan.positions)[..., None, None] * inv_freq  # (B, T, 1, D/2)
+        angles = put(plan.positions)[:, None, :, None] * put(inv_freq)  # (B, 1, T, D/2)
         return cls(
             keys=plan.keys,
             cos=angles.cos(),
@@ -41,26 +40,34 @@ class Step:
 
 
 class RotatingCache:
-    """Keys and values of every layer, (L, B, Hkv, S, D), preallocated once."""
+    """Keys and values of every layer, (B, Hkv, S, D) each, preallocated once."""
 
-    def __init__(self, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
-        shape = (n_layers, batch, n_kv_heads, size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (batch, n_kv_heads, size, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, step: Step
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores new (B, T, Hkv, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""
+        """Stores new (B, Hkv, T, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""
         cache_k, cache_v = self.k[layer], self.v[layer]  # (B, Hkv, S, D)
         if step.keys == "new":
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            keys, values = k, v
         elif step.keys == "cache+new":  # read the old slots before this chunk overwrites them
-            keys = torch.cat([cache_k, k.transpose(1, 2)], dim=2)
-            values = torch.cat([cache_v, v.transpose(1, 2)], dim=2)
-        cache_k[step.rows, :, step.slots] = k[step.rows, step.cols]  # (M, Hkv, D)
-        cache_v[step.rows, :, step.slots] = v[step.rows, step.cols]
+            keys = torch.cat([cache_k, k], dim=2)
+            values = torch.cat([cache_v, v], dim=2)
+        cache_k[step.rows, :, step.slots] = k[step.rows, :, step.cols]  # (M, Hkv, D)
+        cache_v[step.rows, :, step.slots] = v[step.rows, :, step.cols]
         if step.keys == "cache":
             keys, values = cache_k, cache_v
         return keys, values

@@ -22,11 +22,11 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def apply_rope(x: torch.Tensor, step: Step) -> torch.Tensor:
-    """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, T, H, D) by each token's angles."""
-    cos, sin = step.cos, step.sin  # (B, T, 1, D/2)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, D/2, 2)
+def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
+    cos, sin = step.cos, step.sin  # (B, 1, T, D/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, T, D/2, 2)
     return out.flatten(-2).type_as(x)
 
 
@@ -50,19 +50,15 @@ class Attention(nn.Module):
         step: Step,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, step), apply_rope(k, step)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = rope(q, step), rope(k, step)
 
         keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
+        # GQA: each key/value head serves n_heads / n_kv_heads query heads.
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (B, H, T, D)
-            keys,
-            values,
-            attn_mask=step.mask,  # (B, 1, T, K)
-            scale=self.scale,
-            enable_gqa=True,  # n_heads / n_kv_heads query heads share each key/value head
+            q, keys, values, attn_mask=step.mask, scale=self.scale, enable_gqa=True
         )  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -80,8 +80,7 @@ class TorchRunner:
         self.torch_dtype = dtype
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
-        inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
-        self.inv_freq = torch.from_numpy(inv_freq).to(device)
+        self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
 
     def new_cache(self, batch: int, size: int) -> RotatingCache:
         a = self.args
@@ -93,7 +92,7 @@ class TorchRunner:
         self, tokens: np.ndarray, plan: StepPlan, cache: RotatingCache, last_only: bool
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
-        step = Step.from_plan(plan, self.inv_freq)
+        step = Step.from_plan(plan, self.inv_freq, self.torch_device)
         x = torch.from_numpy(tokens).to(self.torch_device)
         last = None
         if last_only:

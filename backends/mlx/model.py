@@ -1,0 +1,146 @@
+"""The Mistral transformer in MLX; attribute names equal the checkpoint keys."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from backends.mlx.cache import RotatingCache, Step
+from mistral.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Fused kernel: normalizes in float32, scales, returns x's dtype.
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rope(x: mx.array, step: Step) -> mx.array:
+    """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
+    D = x.shape[-1]
+    return mx.fast.rope(
+        x, D, traditional=True, base=None, scale=1.0, offset=step.offsets, freqs=step.freqs
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RotatingCache,
+        layer: int,
+        step: Step,
+    ) -> mx.array:
+        B, T, _ = x.shape
+        q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim).swapaxes(1, 2)  # (B, H, T, D)
+        k = (
+            self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
+        )  # (B, Hkv, T, D)
+        v = (
+            self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
+        )  # (B, Hkv, T, D)
+        q, k = rope(q, step), rope(k, step)
+
+        keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
+        # GQA: each key/value head serves n_heads / n_kv_heads query heads.
+        out = mx.fast.scaled_dot_product_attention(
+            q, keys, values, mask=step.mask, scale=self.scale
+        )  # (B, H, T, D)
+        return self.wo(out.swapaxes(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        assert args.moe is not None
+        self.num_experts_per_tok = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, dim)
+        logits = self.gate(x)  # (N, E)
+        k = self.num_experts_per_tok
+        chosen = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (N, k), in no order
+        weights = mx.take_along_axis(logits, chosen, axis=-1)  # (N, k)
+        weights = mx.softmax(weights.astype(mx.float32), axis=-1).astype(x.dtype)
+        out = mx.zeros_like(x)
+        chosen_np = np.array(chosen)  # routing is data-dependent: one host sync per MoE layer
+        for e, expert in enumerate(self.experts):
+            tok, slot = np.nonzero(chosen_np == e)  # the tokens that chose expert e
+            if len(tok):
+                tok, slot = mx.array(tok), mx.array(slot)
+                out = out.at[tok].add(weights[tok, slot, None] * expert(x[tok]))
+        return out.reshape(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RotatingCache,
+        layer: int,
+        step: Step,
+    ) -> mx.array:
+        h = x + self.attention(self.attention_norm(x), cache, layer, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        tokens: mx.array,  # (B, T)
+        cache: RotatingCache,
+        step: Step,
+        last: mx.array | None = None,  # (B,) index of the one position per row to project
+    ) -> mx.array:
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache, i, step)
+        if last is not None:
+            h = h[mx.arange(h.shape[0]), last][:, None]  # (B, 1, dim)
+        return self.output(self.norm(h)).astype(mx.float32)  # (B, T, V) float32 logits

@@ -1,0 +1,113 @@
+"""The small surface mistral/ calls: build a Transformer from raw tensors, run one planned step."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from backends.mlx.cache import RotatingCache, Step
+from backends.mlx.model import Transformer
+from mistral.args import ModelArgs
+from mistral.cache import StepPlan
+from mistral.errors import MistralError
+from mistral.rope import inv_frequencies
+from mistral.weights import RawTensor, check_tensors
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def gpu_available() -> bool:
+    return bool(mx.is_available(mx.gpu))
+
+
+def resolve_device(device: str | None) -> mx.Device:
+    """'gpu' (Metal on a Mac, CUDA with mlx[cuda] on Linux) or 'cpu'; None: the GPU if any."""
+    if device is None:
+        return mx.gpu if gpu_available() else mx.cpu
+    if device == "cpu":
+        return mx.cpu
+    if device == "gpu":
+        if not gpu_available():
+            how = "Metal" if platform.system() == "Darwin" else "pip install 'mlx[cuda]'"
+            raise MistralError(f"device 'gpu' is not available to MLX here ({how})")
+        return mx.gpu
+    raise MistralError(f"unknown MLX device {device!r}: use gpu or cpu")
+
+
+def resolve_dtype(dtype: str | None, device: mx.Device) -> mx.Dtype:
+    """None picks bfloat16 on the GPU and float32 on the CPU."""
+    if dtype is None:
+        return mx.bfloat16 if device == mx.gpu else mx.float32
+    if dtype not in DTYPES:
+        raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def to_mlx(t: RawTensor) -> mx.array:
+    data = np.ascontiguousarray(t.data).reshape(t.shape)
+    if t.dtype == "bfloat16":
+        return mx.array(data).view(mx.bfloat16)
+    return mx.array(data)
+
+
+class MlxRunner:
+    """A Transformer on one device and dtype, run step by step through a RotatingCache."""
+
+    backend = "mlx"
+
+    def __init__(
+        self, args: ModelArgs, model: Transformer, device: mx.Device, dtype: mx.Dtype
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.mx_device = device
+        self.mx_dtype = dtype
+        self.device = "gpu" if device == mx.gpu else "cpu"
+        self.dtype = next(k for k, v in DTYPES.items() if v == dtype)
+        self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
+
+    def new_cache(self, batch: int, size: int) -> RotatingCache:
+        a = self.args
+        return RotatingCache(a.n_layers, batch, size, a.n_kv_heads, a.head_dim, self.mx_dtype)
+
+    def forward(
+        self, tokens: np.ndarray, plan: StepPlan, cache: RotatingCache, last_only: bool
+    ) -> np.ndarray:
+        """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
+        with mx.stream(self.mx_device):
+            step = Step.from_plan(plan, self.inv_freq)
+            x = mx.array(tokens.astype(np.int32))
+            last = None
+            if last_only:
+                last = mx.array(np.maximum(plan.valid.sum(1) - 1, 0).astype(np.int32))
+            out = self.model(x, cache, step, last)
+            out = out[:, 0] if last_only else out
+            # One evaluation per step: the logits and every layer's cache writes together.
+            mx.eval(out, cache.k, cache.v)
+        return np.array(out)
+
+
+def build(
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    device: str | None,
+    dtype: str | None,
+    source: str = "checkpoint",
+) -> MlxRunner:
+    check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
+    model.load_weights([(k, to_mlx(t).astype(dt)) for k, t in tensors.items()], strict=True)
+    mx.eval(model.parameters())
+    return MlxRunner(args, model, dev, dt)
+
+
+def read_pth(path: str) -> dict[str, RawTensor]:
+    """A .pth checkpoint is a torch pickle: reading it needs torch, whichever backend runs it."""
+    from mistral.backend import runtime
+
+    return runtime("torch").read_pth(path)

@@ -1,0 +1,153 @@
+"""The MLX backend: against the PyTorch backend on the same weights, and against mlx-lm's models."""
+
+import numpy as np
+import pytest
+
+import mistral
+import mistral.generate
+from mistral import MistralError
+from mistral.cache import CacheBook, StepPlan
+from mistral.checkpoint import write_mistral_folder
+from mistral.weights import random_weights
+from tests.helpers import ROOT, mlx_lm_logits, mlx_lm_model, random_rows, tiny
+
+CONFIGS = ["tiny-dense", "tiny-window", "tiny-moe"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def trio(request):
+    """(args, weights, torch model, mlx model) on the same seeded float32 weights."""
+    args = tiny(request.param)
+    weights = random_weights(args, seed=10 + CONFIGS.index(request.param))
+    t = mistral.from_tensors(args, weights, backend="torch", device="cpu", dtype="float32")
+    m = mistral.from_tensors(args, weights, backend="mlx", device="cpu", dtype="float32")
+    return args, weights, t, m
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_one_row_matches_torch(trio):
+    args, _, t, m = trio
+    rows = random_rows([13], args.vocab_size, 0)
+    assert max_diff(m.logits(rows), t.logits(rows)) <= TOL
+
+
+def test_ragged_batch_longer_than_the_window_matches_torch(trio):
+    args, _, t, m = trio
+    rows = random_rows([45, 2, 17, 33], args.vocab_size, 1)
+    assert max_diff(m.logits(rows), t.logits(rows)) <= TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 16])
+def test_chunked_prefill_matches_torch(trio, chunk):
+    args, _, t, m = trio
+    rows = random_rows([50, 21], args.vocab_size, 2)
+    assert max_diff(m.logits(rows, chunk_size=chunk), t.logits(rows)) <= TOL
+
+
+def test_greedy_tokens_equal_torch_past_the_window(trio):
+    args, _, t, m = trio
+    prompts = random_rows([20, 7], args.vocab_size, 3)
+    n = 32 + (args.sliding_window or 0)
+    assert m.generate(prompts, n) == t.generate(prompts, n)
+
+
+def test_cached_equals_uncached_and_chunked_equals_one_shot(trio):
+    args, _, _, m = trio
+    prompt = random_rows([9], args.vocab_size, 4)[0]
+    new = m.generate([prompt], 30)[0]
+    full = m.logits([prompt + new])[0]
+    assert new == full[len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert float(np.abs(m.logits([prompt + new], chunk_size=1)[0] - full).max()) <= 1e-5
+    assert float(np.abs(m.logits([prompt + new], chunk_size=7)[0] - full).max()) <= 1e-5
+
+
+def test_matches_mlx_lm_within_the_window(trio):
+    """mlx-lm's llama/mixtral apply a sliding window only for layers listed in layer_types, and its
+    llama needs at least one full-attention layer, so it cannot express an all-sliding Mistral: the
+    comparison stays within the window (every length, for the config without one)."""
+    args, weights, _, m = trio
+    ref = mlx_lm_model(args, weights)
+    longest = args.sliding_window or 48
+    rows = random_rows([longest, 5, longest - 3], args.vocab_size, 5)
+    assert max_diff(m.logits(rows), mlx_lm_logits(ref, rows)) <= TOL
+    if args.sliding_window:  # past the window mlx-lm attends to everything; we must not
+        row = random_rows([3 * args.sliding_window], args.vocab_size, 6)
+        assert max_diff(m.logits(row), mlx_lm_logits(ref, row)) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_stays_close(trio, dtype):
+    args, weights, _, m = trio
+    half = mistral.from_tensors(args, weights, backend="mlx", device="cpu", dtype=dtype)
+    assert half.dtype == dtype
+    rows = random_rows([30, 11], args.vocab_size, 7)
+    a, b = np.concatenate(m.logits(rows)), np.concatenate(half.logits(rows))
+    assert np.isfinite(b).all()
+    # Relative error of the logits is what half precision costs; argmax is checked on the trained
+    # embedded model (random weights make near-ties).
+    assert float(np.abs(a - b).max() / np.abs(a).max()) < 0.1
+
+
+class ShuffledBook(CacheBook):
+    """A planner that puts slot s where a fixed permutation says: a backend that obeys the plan
+    computes the same logits; one that works out slots, positions or masks itself does not."""
+
+    def step(self, seqlens) -> StepPlan:
+        plan = super().step(seqlens)
+        perm = np.roll(np.arange(self.size), 3)[::-1].copy()  # slot s -> perm[s]
+        inverse = np.argsort(perm)
+        key_pos, mask = plan.key_positions, plan.mask
+        if plan.keys != "new":  # the first S key columns are slots: move column s to perm[s]
+            S = self.size
+            key_pos = np.concatenate([key_pos[:, :S][:, inverse], key_pos[:, S:]], axis=1)
+            mask = np.concatenate([mask[..., :S][..., inverse], mask[..., S:]], axis=-1)
+        return StepPlan(
+            positions=plan.positions,
+            valid=plan.valid,
+            store_rows=plan.store_rows,
+            store_cols=plan.store_cols,
+            store_slots=perm[plan.store_slots],
+            keys=plan.keys,
+            mask=mask,
+            key_positions=key_pos,
+            lengths=plan.lengths,
+        )
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_backends_follow_the_shared_plan(monkeypatch, backend):
+    args = tiny("tiny-window")
+    model = mistral.from_tensors(args, random_weights(args, 3), backend=backend, device="cpu")
+    rows = random_rows([40, 9], args.vocab_size, 8)
+    expected = model.logits(rows, chunk_size=5)
+    monkeypatch.setattr(mistral.generate, "CacheBook", ShuffledBook)
+    assert max_diff(model.logits(rows, chunk_size=5), expected) <= 1e-5
+
+
+def test_backends_hold_no_bookkeeping_of_their_own():
+    for backend in ("torch", "mlx"):
+        for path in (ROOT / "backends" / backend).glob("*.py"):
+            source = path.read_text()
+            for needle in ("sliding_window", "% ", "CacheBook("):
+                assert needle not in source, f"{path.name} computes bookkeeping: {needle!r}"
+
+
+def test_reads_safetensors_and_refuses_unknown_devices(tmp_path):
+    args = tiny("tiny-dense")
+    write_mistral_folder(tmp_path, args, random_weights(args, dtype="bfloat16"))
+    m = mistral.load(tmp_path, backend="mlx", device="cpu", dtype="float32")
+    assert m.backend == "mlx" and m.device == "cpu"
+    with pytest.raises(MistralError, match="unknown MLX device"):
+        mistral.load(tmp_path, backend="mlx", device="cuda")
+    from backends.mlx.runtime import gpu_available
+
+    if gpu_available():
+        assert mistral.load(tmp_path, backend="mlx", device="gpu").device == "gpu"
+    else:
+        with pytest.raises(MistralError, match="not available to MLX"):
+            mistral.load(tmp_path, backend="mlx", device="gpu")
