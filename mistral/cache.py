@@ -136,6 +136,23 @@ class CacheBook:
         self.lengths = self.lengths + seqlens
         return plan
 
+    def rewind(self, lengths: list[int]) -> bool:
+        """Forgets every token at or past ``lengths[b]``; False if the buffer no longer holds
+        what later queries would need (then nothing changes and the caller starts over)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.shape != (self.batch,) or (lengths > self.lengths).any() or (lengths < 0).any():
+            raise MistralError(f"cannot rewind {self.lengths} to {lengths}")
+        keep = (self.slot_pos >= 0) & (self.slot_pos < lengths[:, None])  # (B, S)
+        for b in range(self.batch):
+            # The next query, at position lengths[b], sees the window ending there.
+            first = 0 if self.window is None else max(0, lengths[b] - self.window + 1)
+            needed = np.arange(first, lengths[b])
+            if not np.isin(needed, self.slot_pos[b][keep[b]]).all():
+                return False
+        self.slot_pos = np.where(keep, self.slot_pos, -1)
+        self.lengths = lengths
+        return True
+
     def _layout(self, seqlens: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> KeyLayout:
         if (self.slot_pos < 0).all():
             return "new"  # nothing cached in any row: attend over the new tokens alone

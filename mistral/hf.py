@@ -147,9 +147,12 @@ def tensors_from_hf(
     args: ModelArgs, tensors: dict[str, RawTensor], source: str
 ) -> dict[str, RawTensor]:
     """Renames HF tensors to checkpoint keys and un-permutes wq/wk (lazily)."""
+    quantized = [k for k in tensors if k.endswith((".scales", ".biases"))]
+    if quantized:
+        raise MistralError(f"{source}: quantized checkpoints are not supported ({quantized[0]})")
     out = {}
     unknown = []
-    for name, t in tensors.items():
+    for name, t in unstack_experts(tensors).items():
         key = from_hf_name(name)
         if key is None:
             unknown.append(name)
@@ -162,6 +165,25 @@ def tensors_from_hf(
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise MistralError(f"{source}: unexpected tensors {', '.join(unknown[:5])}{more}")
+    return out
+
+
+_SWITCH = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)\.weight$")
+_SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def unstack_experts(tensors: dict[str, RawTensor]) -> dict[str, RawTensor]:
+    """mlx-lm stores a Mixtral layer's experts stacked, (E, out, in), as switch_mlp: split them."""
+    out = {}
+    for name, t in tensors.items():
+        match = _SWITCH.match(name)
+        if match is None or match.group(2) not in _SWITCH_NAMES:
+            out[name] = t
+            continue
+        prefix, w = match.group(1), _SWITCH_NAMES[match.group(2)]
+        stacked = t.data.reshape(t.shape)
+        for e in range(t.shape[0]):
+            out[f"{prefix}experts.{e}.{w}.weight"] = RawTensor(t.dtype, t.shape[1:], stacked[e])
     return out
 
 

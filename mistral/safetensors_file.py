@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from mistral.errors import MistralError
-from mistral.weights import RawTensor
+from mistral.weights import RawTensor, cast, cast_nbytes
 
 _CODES = {"F32": ("float32", np.float32), "F16": ("float16", np.float16),
           "BF16": ("bfloat16", np.uint16)}  # fmt: skip
@@ -62,20 +62,27 @@ def read_tensors(path: str | Path) -> dict[str, RawTensor]:
 
 
 def write_tensors(
-    path: str | Path, tensors: Iterable[tuple[str, RawTensor]], metadata: dict | None = None
+    path: str | Path,
+    tensors: list[tuple[str, RawTensor]],
+    dtype: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Writes the header, then the tensors one at a time."""
-    items = list(tensors) if not isinstance(tensors, list) else tensors
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    """Writes the header, then each tensor in turn, cast to ``dtype`` when given (peak memory:
+    about one tensor). ``progress`` is called with the bytes of each tensor written."""
+    header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, t in items:
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
-        offset += t.nbytes
+    for name, t in tensors:
+        n = cast_nbytes(t, dtype)
+        code = _NAMES[dtype or t.dtype]
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in items:
+        for _, t in tensors:
+            t = cast(t, dtype)
             f.write(np.ascontiguousarray(t.data).tobytes())
+            if progress:
+                progress(t.nbytes)

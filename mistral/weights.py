@@ -45,6 +45,19 @@ def from_numpy(a: np.ndarray, dtype: str | None = None) -> RawTensor:
     return RawTensor(dtype, tuple(a.shape), np.ascontiguousarray(a, dtype=dtype))
 
 
+def cast(t: RawTensor, dtype: str | None) -> RawTensor:
+    """``t`` in ``dtype``; unchanged, bit for bit, when it already is (or dtype is None)."""
+    if dtype is None or dtype == t.dtype:
+        return t
+    return from_numpy(t.to_numpy(), dtype)
+
+
+def cast_nbytes(t: RawTensor, dtype: str | None) -> int:
+    """The size ``t`` will have once cast to ``dtype``."""
+    itemsize = 4 if (dtype or t.dtype) == "float32" else 2
+    return int(np.prod(t.shape, dtype=np.int64)) * itemsize
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of the spec, named by its checkpoint key, in the order of the forward."""
     d, h, v, hd = args.dim, args.hidden_dim, args.vocab_size, args.head_dim

@@ -134,3 +134,17 @@ def test_overflow_without_a_window_is_an_error():
     book.step([3])
     with pytest.raises(MistralError, match="exceeds the cache"):
         book.step([2])
+
+
+def test_rewind_within_the_buffer_and_refusal_past_it():
+    book = CacheBook(1, 4, 4)
+    book.step([3])
+    assert book.rewind([1])
+    np.testing.assert_array_equal(book.slot_pos, [[0, -1, -1, -1]])
+    check = CacheBook(1, 4, 4)
+    check.step([1])
+    assert (book.step([2]).mask == check.step([2]).mask).all()
+    book.step([6])  # positions 3..8: positions 1..4 are overwritten
+    assert not book.rewind([3])
+    assert book.lengths[0] == 9
+    assert book.rewind([8])
