@@ -22,6 +22,12 @@ def random_rows(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Largest |a - b| over rows of logits, which must have equal shapes."""
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
 def hf_model(args: ModelArgs, seed: int = 0):
     """A float32 Mistral/MixtralForCausalLM with seeded weights large enough to matter."""
     import torch
@@ -111,3 +117,15 @@ def mlx_lm_logits(model, rows: list[list[int]]) -> list[np.ndarray]:
     import mlx.core as mx
 
     return [np.array(model(mx.array([r]))[0].astype(mx.float32)) for r in rows]
+
+
+def mistral_common_file(name: str) -> Path:
+    """A real Mistral tokenizer shipped inside mistral-common (v1: tokenizer.model.v1, v3:
+    mistral_instruct_tokenizer_240323.model.v3)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / name
+
+
+V1 = "tokenizer.model.v1"
+V3 = "mistral_instruct_tokenizer_240323.model.v3"

@@ -9,7 +9,7 @@ from mistral import MistralError
 from mistral.cache import CacheBook, StepPlan
 from mistral.checkpoint import write_mistral_folder
 from mistral.weights import random_weights
-from tests.helpers import ROOT, mlx_lm_logits, mlx_lm_model, random_rows, tiny
+from tests.helpers import ROOT, max_diff, mlx_lm_logits, mlx_lm_model, random_rows, tiny
 
 CONFIGS = ["tiny-dense", "tiny-window", "tiny-moe"]
 TOL = 1e-4
@@ -23,11 +23,6 @@ def trio(request):
     t = mistral.from_tensors(args, weights, backend="torch", device="cpu", dtype="float32")
     m = mistral.from_tensors(args, weights, backend="mlx", device="cpu", dtype="float32")
     return args, weights, t, m
-
-
-def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 def test_one_row_matches_torch(trio):

@@ -16,6 +16,7 @@ from tests.helpers import (
     hf_logits,
     hf_model,
     hf_to_mistral_folder,
+    max_diff,
     random_rows,
     save_hf,
     tiny,
@@ -33,11 +34,6 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf_to_mistral_folder(save_hf(ref, d / "hf"), d / "mistral")
     return ref, mistral.load(d / "mistral", backend="torch", device="cpu", dtype="float32")
-
-
-def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 def test_one_row_matches_hf(pair):

@@ -1,0 +1,205 @@
+"""Checkpoint layouts: reading what transformers and mlx-lm write, converting, refusing bad files."""
+
+import json
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral import MistralError, checkpoint
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.safetensors_file import read_tensors
+from mistral.weights import random_weights
+from tests.helpers import (
+    hf_logits,
+    hf_model,
+    max_diff,
+    mlx_lm_logits,
+    mlx_lm_model,
+    random_rows,
+    save_hf,
+    tiny,
+)
+
+
+def bits(t) -> np.ndarray:
+    return np.ascontiguousarray(t.data).reshape(t.shape).view(np.uint8)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert np.array_equal(bits(a[k]), bits(b[k])), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_round_trips_through_every_layout_are_bit_exact(tmp_path, config, dtype):
+    args = tiny(config)
+    weights = random_weights(args, seed=4, dtype=dtype)
+    write_checkpoint(tmp_path / "mistral", "mistral", args, weights)
+    src = read_checkpoint(tmp_path / "mistral")
+    for i, fmt in enumerate(["hf", "mlx", "mistral", "hf", "mistral"]):
+        write_checkpoint(tmp_path / f"{i}", fmt, src.args, src.tensors)
+        src = read_checkpoint(tmp_path / f"{i}")
+        assert src.format == fmt and src.args == args
+        assert_same_tensors(src.tensors, weights)
+
+
+def test_cast_on_conversion(tmp_path):
+    args = tiny("tiny-dense")
+    weights = random_weights(args, seed=5)
+    write_checkpoint(tmp_path / "a", "hf", args, weights, dtype="bfloat16")
+    got = read_checkpoint(tmp_path / "a").tensors
+    assert {t.dtype for t in got.values()} == {"bfloat16"}
+    for k, t in got.items():
+        np.testing.assert_allclose(t.to_numpy(), weights[k].to_numpy(), rtol=2**-8)
+
+
+def test_hf_sharded_folder(tmp_path, monkeypatch):
+    args = tiny("tiny-dense")
+    weights = random_weights(args, seed=6)
+    monkeypatch.setattr(checkpoint, "HF_SHARD_BYTES", 40_000)
+    write_checkpoint(tmp_path, "hf", args, weights)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    assert not (tmp_path / "model.safetensors").exists()
+    assert_same_tensors(read_checkpoint(tmp_path).tensors, weights)
+
+
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_folder_written_by_transformers_gives_its_logits(tmp_path, config):
+    args = tiny(config)
+    ref = hf_model(args, seed=7)
+    save_hf(ref, tmp_path)
+    ours = mistral.load(tmp_path, device="cpu", dtype="float32")
+    assert read_checkpoint(tmp_path).format == "hf"
+    rows = random_rows([40, 9], args.vocab_size, 0)
+    assert max_diff(ours.logits(rows), hf_logits(ref, rows)) <= 1e-4
+
+
+@pytest.mark.parametrize("config", ["tiny-dense", "tiny-moe"])
+def test_folder_written_by_mlx_lm_gives_its_logits(tmp_path, config):
+    from mlx_lm.utils import save_config, save_model
+
+    from mistral import hf
+
+    args = tiny(config)
+    weights = random_weights(args, seed=8)
+    ref = mlx_lm_model(args, weights)  # Mixtral's experts are stacked as switch_mlp
+    save_model(tmp_path, ref)
+    save_config(hf.config_from_args(args, "float32"), tmp_path / "config.json")
+    ours = mistral.load(tmp_path, backend="mlx", device="cpu", dtype="float32")
+    rows = random_rows([args.sliding_window or 30], args.vocab_size, 1)
+    diff = float(np.abs(ours.logits(rows)[0] - mlx_lm_logits(ref, rows)[0]).max())
+    assert diff <= 1e-4
+
+
+def test_mlx_example_layout_with_npz_and_config_json(tmp_path):
+    args = tiny("tiny-dense")
+    weights = random_weights(args, seed=9, dtype="float16")
+    np.savez(tmp_path / "weights.npz", **{k: t.data.reshape(t.shape) for k, t in weights.items()})
+    (tmp_path / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "float16")))
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt.format == "mlx" and ckpt.args == args
+    assert_same_tensors(ckpt.tensors, weights)
+
+
+def test_conversion_streams_one_tensor_at_a_time(tmp_path):
+    args = mistral.ModelArgs(dim=64, n_layers=8, head_dim=16, hidden_dim=96, n_heads=4,
+                             n_kv_heads=2, norm_eps=1e-5, vocab_size=32,
+                             moe=mistral.MoeArgs(4, 2))  # fmt: skip
+    write_checkpoint(tmp_path / "src", "mistral", args, random_weights(args, 1, "bfloat16"))
+    src = read_checkpoint(tmp_path / "src")
+    largest = max(t.nbytes for t in src.tensors.values()) * 2  # as float32
+    total = sum(t.nbytes for t in src.tensors.values()) * 2
+    tracemalloc.start()
+    write_checkpoint(tmp_path / "dst", "hf", src.args, src.tensors, dtype="float32")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total > 20 * largest
+    assert peak < 4 * largest + 200_000, (peak, largest, total)
+
+
+def test_unknown_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MistralError, match="no known checkpoint format"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(MistralError, match="not a model folder"):
+        read_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_corrupt_safetensors_are_refused(tmp_path, damage):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    f = tmp_path / "consolidated.safetensors"
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+    elif damage == "header":
+        f.write_bytes(data[:8] + b"{not json" + data[17:])
+    else:
+        f.write_bytes(b"")
+    with pytest.raises(MistralError, match=r"(truncated|corrupt)"):
+        read_tensors(f)
+
+
+class Exploit:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pth_with_code_is_refused_and_the_code_never_runs(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    (tmp_path / "consolidated.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "consolidated.00.pth", "wb") as f:
+        pickle.dump({"tok_embeddings.weight": Exploit(marker)}, f)
+    with pytest.raises(MistralError, match="not a plain tensor checkpoint"):
+        mistral.load(tmp_path, device="cpu")
+    assert not marker.exists()
+
+
+def test_pth_holding_something_else_than_tensors(tmp_path):
+    import torch
+
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    (tmp_path / "consolidated.safetensors").unlink()
+    torch.save({"tok_embeddings.weight": [1, 2, 3]}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(MistralError, match="is a list, not a tensor"):
+        mistral.load(tmp_path, device="cpu")
+
+
+def test_unknown_backend_and_dtype_are_named(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    with pytest.raises(MistralError, match="unknown backend 'jax'"):
+        mistral.load(tmp_path, backend="jax")
+    with pytest.raises(MistralError, match="unknown dtype 'int8'"):
+        mistral.load(tmp_path, device="cpu", dtype="int8")
+    with pytest.raises(MistralError, match="'cuda' is not available"):
+        mistral.load(tmp_path, device="cuda")
+
+
+def test_quantized_mlx_lm_folders_are_refused(tmp_path):
+    args = tiny("tiny-dense")
+    weights = mistral.hf.tensors_to_hf(args, random_weights(args))
+    weights["model.layers.0.self_attn.q_proj.scales"] = weights["model.norm.weight"]
+    write_checkpoint(tmp_path / "x", "mistral", args, random_weights(args))
+    from mistral.safetensors_file import write_tensors
+
+    (tmp_path / "q").mkdir()
+    write_tensors(tmp_path / "q" / "model.safetensors", list(weights.items()))
+    (tmp_path / "q" / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "f")))
+    with pytest.raises(MistralError, match="quantized checkpoints are not supported"):
+        read_checkpoint(tmp_path / "q")

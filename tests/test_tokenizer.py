@@ -1,0 +1,117 @@
+"""Our tokenizer, streaming decoder and chat formats against mistral-common's real tokenizers."""
+
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mistral import MistralError
+from mistral.chat import Message, encode_chat, template_version
+from mistral.tokenizer import Tokenizer
+from tests.helpers import V1, V3, mistral_common_file
+
+TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    "def f(x):\n\treturn x ** 2  # squares\n\n\nprint(f(3))",
+    "Café, naïve, façade, Ångström, Œuvre — “quotes” and ‘more’…",  # noqa: RUF001 - the point is unusual quotes
+    "Emoji: 😀🎉👩‍👩‍👧 and flags 🇫🇷; math ∑∫√∞",
+    "漢字とかな、한국어 텍스트, 中文句子。",
+    "   leading spaces, trailing spaces   ",
+    "tabs\t\tand\nnewlines\r\n and   runs     of spaces",
+    " ",
+    "a",
+]
+
+
+@pytest.fixture(scope="module", params=[V1, V3])
+def pair(request):
+    path = mistral_common_file(request.param)
+    return Tokenizer(path), MistralTokenizer.from_file(str(path))
+
+
+def test_encode_decode_equal_mistral_common(pair):
+    ours, ref = pair
+    inner = ref.instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == inner.encode(text, bos=True, eos=False)
+        assert ids[0] == ours.bos_id == inner.bos_id
+        assert ours.decode(ids) == inner.decode(ids)
+    assert ours.eos_id == inner.eos_id
+
+
+def test_streaming_decoder_never_splits_characters_or_drops_spaces(pair):
+    tok, _ = pair
+    for text in TEXTS:
+        ids = tok.encode(text)
+        decoder = tok.decoder()
+        pieces = [decoder.push(t) for t in ids[1:]]
+        pieces.append(decoder.flush())
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == tok.decode(ids)
+
+
+def test_streamed_continuation_keeps_its_leading_space(pair):
+    tok, _ = pair
+    ids = tok.encode("The king said unto them, Go")
+    cut = 4
+    decoder = tok.decoder(after=ids[:cut])
+    streamed = "".join(decoder.push(t) for t in ids[cut:]) + decoder.flush()
+    assert tok.decode(ids[:cut]) + streamed == tok.decode(ids)
+    assert streamed.startswith(" ")
+
+
+def test_byte_fallback_pieces_wait_for_the_whole_character(pair):
+    tok, _ = pair
+    ids = tok.encode("👩‍👧", bos=False)
+    assert len(ids) > 2  # several byte pieces per character
+    decoder = tok.decoder()
+    out = [decoder.push(t) for t in ids]
+    assert out[0] == "" and "".join(out) + decoder.flush() == tok.decode(ids)
+
+
+def reference_chat(mt: MistralTokenizer, conversation, system=None) -> list[int]:
+    messages = [SystemMessage(content=system)] if system else []
+    for role, text in conversation:
+        messages.append(
+            UserMessage(content=text) if role == "user" else AssistantMessage(content=text)
+        )
+    return mt.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+
+CONVERSATIONS = [
+    [("user", "Hello!")],
+    [
+        ("user", "Name three rivers."),
+        ("assistant", "Nile, Amazon, Yangtze."),
+        ("user", "And lakes?"),
+    ],
+    [("user", "a"), ("assistant", "b  "), ("user", "c"), ("assistant", "d 😀"), ("user", "é\nf")],
+]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("system", [None, "You are a careful assistant.\nAnswer briefly."])
+def test_chat_prompt_equals_mistral_common(pair, conversation, system):
+    tok, mt = pair
+    messages = [Message(role, text) for role, text in conversation]
+    assert encode_chat(tok, messages, system) == reference_chat(mt, conversation, system)
+
+
+def test_template_is_read_off_the_vocabulary():
+    assert template_version(Tokenizer(mistral_common_file(V1))) == "v1"
+    assert template_version(Tokenizer(mistral_common_file(V3))) == "v3"
+
+
+def test_bad_tokenizer_files_are_named(tmp_path):
+    with pytest.raises(MistralError, match="tokenizer not found"):
+        Tokenizer(tmp_path / "nope.model")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(MistralError, match="not a sentencepiece model"):
+        Tokenizer(tmp_path / "bad.model")
+
+
+def test_chat_must_end_with_a_user_turn(pair):
+    tok, _ = pair
+    with pytest.raises(MistralError, match="must end with a user message"):
+        encode_chat(tok, [Message("user", "a"), Message("assistant", "b")])
