@@ -1,4 +1,4 @@
-"""Checkpoint layouts: reading what transformers and mlx-lm write, converting, refusing bad files."""
+"""Checkpoint layouts: what transformers and mlx-lm write, conversions, and bad files refused."""
 
 import json
 import pickle
