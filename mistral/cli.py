@@ -269,7 +269,74 @@ class Convert:
         print(f"wrote {dst} ({self.to} format)", file=sys.stderr)
 
 
-COMMANDS = {"generate": Generate, "chat": Chat, "info": Info, "convert": Convert}
+@dataclass
+class Diff:
+    """Find where two backends (or a backend and an outside reference) part ways, tap by tap.
+
+    Runs the same tokens through side a and side b and prints, per tap (embeddings; per layer
+    the attention norm, q/k after RoPE, attention output, feed-forward norm, MoE router logits
+    and chosen experts, feed-forward output, residual; final norm; logits) the max |a-b|,
+    relative error and cosine similarity, then names the first tap beyond its dtype pair's
+    tolerance and says whether the error jumps at one place or grows layer by layer. Exits 1
+    when the sides disagree.
+    """
+
+    model: str | None = None
+    """Model folder of side a (default: the embedded model)."""
+    b_model: str | None = None
+    """Model folder of side b, to compare checkpoint formats of one model (default: --model)."""
+    a: str = "torch:cpu:float32"
+    """Side a: backend[:device[:dtype]], backend one of torch, mlx, hf (transformers), mlx-lm."""
+    b: str = "mlx:cpu:float32"
+    """Side b, as --a."""
+    prompt: str | None = None
+    """Text to run (needs the model's tokenizer)."""
+    tokens: str | None = None
+    """Comma-separated token ids to run instead of --prompt."""
+    generate: int = 0
+    """Decode this many tokens greedily on both sides; report the first step where they differ and
+    the taps at that step."""
+    json: str | None = None
+    """Write the whole report as JSON to this file."""
+    plot: str | None = None
+    """Draw the error per layer for each tap kind to this PNG file."""
+
+    def run(self) -> None:
+        from mistral.checkpoint import read_checkpoint
+        from mistral.diff import load_side, plot, run_diff
+        from mistral.tokenizer import Tokenizer
+        from mistral.weights import expected_shapes
+
+        ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
+        ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
+        if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
+            raise MistralError(f"{ckpt_a.path} and {ckpt_b.path} have different shapes")
+        for key, value in ckpt_a.args.to_params().items():
+            other = ckpt_b.args.to_params().get(key)
+            if other != value:  # worth knowing: a likely cause of what follows
+                print(f"note: {key} is {value} in side a's folder, {other} in side b's")
+        if self.tokens:
+            try:
+                ids = [int(t) for t in self.tokens.replace(" ", "").split(",") if t]
+            except ValueError:
+                raise MistralError(
+                    f"--tokens: not a comma-separated list of ids: {self.tokens!r}"
+                ) from None
+        else:
+            if ckpt_a.tokenizer_path is None:
+                raise MistralError(f"{ckpt_a.path} has no tokenizer: pass --tokens")
+            ids = Tokenizer(ckpt_a.tokenizer_path).encode(self.prompt or "In the beginning")
+        report = run_diff(load_side(self.a, ckpt_a), load_side(self.b, ckpt_b), ids, self.generate)
+        print(report.table())
+        if self.json:
+            Path(self.json).write_text(json.dumps(report.to_json(), indent=2))
+        if self.plot:
+            plot(report, self.plot)
+        if not report.agree:
+            raise SystemExit(1)
+
+
+COMMANDS = {"generate": Generate, "chat": Chat, "info": Info, "convert": Convert, "diff": Diff}
 
 
 def read_stdin_prompt() -> str:

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mistral.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
 from mistral.errors import MistralError
 from mistral.weights import RawTensor
@@ -74,6 +76,14 @@ def permute_rows(t: RawTensor, n_heads: int, to_hf: bool) -> RawTensor:
     else:  # (H, 2, d/2, cols) -> (H, d/2, 2, cols)
         w = w.reshape(n_heads, 2, d // 2, cols).transpose(0, 2, 1, 3)
     return RawTensor(t.dtype, t.shape, w)
+
+
+def halves_to_pairs(x: np.ndarray) -> np.ndarray:
+    """Activations rotated in HF's half order (x[i], x[i + D/2]) put in Mistral's pair order."""
+    D = x.shape[-1]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x[..., : D // 2], x[..., D // 2 :]
+    return out
 
 
 def args_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:

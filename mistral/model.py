@@ -44,6 +44,11 @@ class Model:
         """Float32 logits, (len(row), vocab_size) per row, computed through the rotating cache."""
         return gen.all_logits(self.runner, batch, chunk_size)
 
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """Every named tap (mistral.taps) of one uncached forward of one row, float32 (T, ...)."""
+        gen.check_batch([tokens], self.args.vocab_size)
+        return self.runner.trace(list(tokens))
+
     def generate(
         self,
         prompts: list[list[int]],

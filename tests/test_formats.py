@@ -11,7 +11,7 @@ import mistral
 from mistral import MistralError, checkpoint
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.safetensors_file import read_tensors
-from mistral.weights import random_weights
+from mistral.weights import RawTensor, random_weights
 from tests.helpers import (
     hf_logits,
     hf_model,
@@ -203,3 +203,11 @@ def test_quantized_mlx_lm_folders_are_refused(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "f")))
     with pytest.raises(MistralError, match="quantized checkpoints are not supported"):
         read_checkpoint(tmp_path / "q")
+
+
+def test_permutation_is_a_view_not_a_copy():
+    t = RawTensor("float32", (8, 4), np.arange(32, dtype=np.float32))
+    from mistral.hf import permute_rows
+
+    p = permute_rows(t, 2, to_hf=True)
+    assert np.shares_memory(p.data, t.data)

@@ -21,6 +21,12 @@ class Step:
     rows: mx.array  # (M,) int32
     cols: mx.array  # (M,) int32
     slots: mx.array  # (M,) int32
+    taps: dict[str, mx.array] | None = None  # filled by the forward only when tracing
+
+    def tap(self, layer: int | None, name: str, x: mx.array) -> None:
+        """Records x as a named tap (mistral.taps) when tracing; otherwise does nothing."""
+        if self.taps is not None:
+            self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
     def from_plan(cls, plan: StepPlan, inv_freq: np.ndarray) -> Step:

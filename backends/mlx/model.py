@@ -49,14 +49,13 @@ class Attention(nn.Module):
         step: Step,
     ) -> mx.array:
         B, T, _ = x.shape
-        q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim).swapaxes(1, 2)  # (B, H, T, D)
-        k = (
-            self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
-        )  # (B, Hkv, T, D)
-        v = (
-            self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
-        )  # (B, Hkv, T, D)
+        # q: (B, H, T, D); k, v: (B, Hkv, T, D)
+        q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim).swapaxes(1, 2)
+        k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
+        v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
         q, k = rope(q, step), rope(k, step)
+        step.tap(layer, "q", q)  # (B, H, T, D)
+        step.tap(layer, "k", k)
 
         keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
@@ -73,7 +72,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
         return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
 
@@ -85,13 +84,16 @@ class MoeLayer(nn.Module):
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
         logits = self.gate(x)  # (N, E)
         k = self.num_experts_per_tok
         chosen = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (N, k), in no order
         weights = mx.take_along_axis(logits, chosen, axis=-1)  # (N, k)
+        if step is not None:
+            step.tap(layer, "router_logits", logits)
+            step.tap(layer, "experts", chosen)
         weights = mx.softmax(weights.astype(mx.float32), axis=-1).astype(x.dtype)
         out = mx.zeros_like(x)
         chosen_np = np.array(chosen)  # routing is data-dependent: one host sync per MoE layer
@@ -118,8 +120,18 @@ class TransformerBlock(nn.Module):
         layer: int,
         step: Step,
     ) -> mx.array:
-        h = x + self.attention(self.attention_norm(x), cache, layer, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        x_norm = self.attention_norm(x)
+        step.tap(layer, "attention_norm", x_norm)
+        attn = self.attention(x_norm, cache, layer, step)
+        step.tap(layer, "attention", attn)
+        h = x + attn
+        h_norm = self.ffn_norm(h)
+        step.tap(layer, "ffn_norm", h_norm)
+        ffn = self.feed_forward(h_norm, step, layer)
+        step.tap(layer, "feed_forward", ffn)
+        out = h + ffn
+        step.tap(layer, "residual", out)
+        return out
 
 
 class Transformer(nn.Module):
@@ -139,8 +151,11 @@ class Transformer(nn.Module):
         last: mx.array | None = None,  # (B,) index of the one position per row to project
     ) -> mx.array:
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        step.tap(None, "embeddings", h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache, i, step)
         if last is not None:
             h = h[mx.arange(h.shape[0]), last][:, None]  # (B, 1, dim)
-        return self.output(self.norm(h)).astype(mx.float32)  # (B, T, V) float32 logits
+        h = self.norm(h)
+        step.tap(None, "norm", h)
+        return self.output(h).astype(mx.float32)  # (B, T, V) float32 logits

@@ -11,9 +11,10 @@ import numpy as np
 from backends.mlx.cache import RotatingCache, Step
 from backends.mlx.model import Transformer
 from mistral.args import ModelArgs
-from mistral.cache import StepPlan
+from mistral.cache import CacheBook, StepPlan
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
+from mistral.taps import kind
 from mistral.weights import RawTensor, check_tensors
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -88,6 +89,27 @@ class MlxRunner:
             # One evaluation per step: the logits and every layer's cache writes together.
             mx.eval(out, cache.k, cache.v)
         return np.array(out)
+
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
+        size = max(len(tokens), self.args.sliding_window or 0)
+        plan = CacheBook(1, size, self.args.sliding_window).step([len(tokens)])
+        with mx.stream(self.mx_device):
+            step = Step.from_plan(plan, self.inv_freq)
+            step.taps = {}
+            x = mx.array([tokens])
+            step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))
+            out = {}
+            for name, t in step.taps.items():
+                if kind(name) in ("q", "k"):
+                    t = t.swapaxes(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+                if kind(name) == "experts":
+                    t = mx.sort(t, axis=-1)
+                if kind(name) in ("router_logits", "experts"):  # (N, E) -> (B, T, E)
+                    t = t.reshape(1, len(tokens), -1)
+                out[name] = t[0].astype(mx.float32)
+            mx.eval(out)
+        return {k: np.array(v) for k, v in out.items()}
 
 
 def build(

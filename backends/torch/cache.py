@@ -21,6 +21,12 @@ class Step:
     rows: torch.Tensor  # (M,) int64
     cols: torch.Tensor  # (M,) int64
     slots: torch.Tensor  # (M,) int64
+    taps: dict[str, torch.Tensor] | None = None  # filled by the forward only when tracing
+
+    def tap(self, layer: int | None, name: str, x: torch.Tensor) -> None:
+        """Records x as a named tap (mistral.taps) when tracing; otherwise does nothing."""
+        if self.taps is not None:
+            self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
     def from_plan(cls, plan: StepPlan, inv_freq: np.ndarray, device: torch.device) -> Step:

@@ -50,10 +50,13 @@ class Attention(nn.Module):
         step: Step,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        # q: (B, H, T, D); k, v: (B, Hkv, T, D)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, step), rope(k, step)
+        step.tap(layer, "q", q)  # (B, H, T, D)
+        step.tap(layer, "k", k)
 
         keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
@@ -70,7 +73,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step | None = None, layer: int = 0) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -82,11 +85,14 @@ class MoeLayer(nn.Module):
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = nn.ModuleList([FeedForward(args) for _ in range(args.moe.num_experts)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step | None = None, layer: int = 0) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
         logits = self.gate(x)  # (N, E)
         weights, chosen = torch.topk(logits, self.num_experts_per_tok)  # (N, k)
+        if step is not None:
+            step.tap(layer, "router_logits", logits)
+            step.tap(layer, "experts", chosen)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(x)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -111,8 +117,18 @@ class TransformerBlock(nn.Module):
         layer: int,
         step: Step,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cache, layer, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        x_norm = self.attention_norm(x)
+        step.tap(layer, "attention_norm", x_norm)
+        attn = self.attention(x_norm, cache, layer, step)
+        step.tap(layer, "attention", attn)
+        h = x + attn
+        h_norm = self.ffn_norm(h)
+        step.tap(layer, "ffn_norm", h_norm)
+        ffn = self.feed_forward(h_norm, step, layer)
+        step.tap(layer, "feed_forward", ffn)
+        out = h + ffn
+        step.tap(layer, "residual", out)
+        return out
 
 
 class Transformer(nn.Module):
@@ -132,8 +148,11 @@ class Transformer(nn.Module):
         last: torch.Tensor | None = None,  # (B,) index of the one position per row to project
     ) -> torch.Tensor:
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        step.tap(None, "embeddings", h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache, i, step)
         if last is not None:
             h = h[torch.arange(len(h), device=h.device), last][:, None]  # (B, 1, dim)
-        return self.output(self.norm(h)).float()  # (B, T, V) float32 logits
+        h = self.norm(h)
+        step.tap(None, "norm", h)
+        return self.output(h).float()  # (B, T, V) float32 logits

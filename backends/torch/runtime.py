@@ -11,9 +11,10 @@ import torch
 from backends.torch.cache import RotatingCache, Step
 from backends.torch.model import Transformer
 from mistral.args import ModelArgs
-from mistral.cache import StepPlan
+from mistral.cache import CacheBook, StepPlan
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
+from mistral.taps import kind
 from mistral.weights import RawTensor, check_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,6 +101,26 @@ class TorchRunner:
         out = self.model(x, cache, step, last)
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
+
+    @torch.inference_mode()
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
+        size = max(len(tokens), self.args.sliding_window or 0)
+        plan = CacheBook(1, size, self.args.sliding_window).step([len(tokens)])
+        step = Step.from_plan(plan, self.inv_freq, self.torch_device)
+        step.taps = {}
+        x = torch.tensor([tokens], device=self.torch_device)
+        step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))
+        out = {}
+        for name, t in step.taps.items():
+            if kind(name) in ("q", "k"):
+                t = t.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+            if kind(name) == "experts":
+                t = t.sort(-1).values
+            if kind(name) in ("router_logits", "experts"):  # (N, E) -> (B, T, E)
+                t = t.reshape(1, len(tokens), -1)
+            out[name] = t[0].float().cpu().numpy()
+        return out
 
 
 def build(args: ModelArgs, tensors: Mapping[str, RawTensor], device: str | None,

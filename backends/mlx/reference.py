@@ -1,0 +1,113 @@
+"""mlx-lm as an outside reference for ``mistral diff``: its taps and its greedy run.
+
+mlx-lm's Mistral (its llama model) applies a sliding window only to layers listed in layer_types and
+needs at least one full-attention layer, so it attends past Mistral's window; diffs say so.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from backends.mlx.runtime import resolve_device, resolve_dtype
+from mistral import hf
+from mistral.args import ModelArgs
+from mistral.errors import MistralError
+from mistral.hf import halves_to_pairs
+from mistral.weights import RawTensor
+
+
+class Recorder(nn.Module):
+    """Wraps mlx-lm's rope module to keep what it returns (queries, then keys)."""
+
+    def __init__(self, rope: nn.Module, seen: list) -> None:
+        super().__init__()
+        self.rope = rope
+        self.seen = seen
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        y = self.rope(x, offset=offset)
+        self.seen.append(y)
+        return y
+
+
+class MlxLmReference:
+    backend = "mlx-lm"
+
+    def __init__(self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None,
+                 dtype: str | None) -> None:  # fmt: skip
+        try:
+            from mlx_lm.models import llama, mixtral
+        except ImportError:
+            raise MistralError("the mlx-lm reference needs mlx-lm: pip install mlx-lm") from None
+        family = mixtral if args.moe else llama
+        self.args = args
+        self.mx_device = resolve_device(device)
+        dt = resolve_dtype(dtype, self.mx_device)
+        self.device = "gpu" if self.mx_device == mx.gpu else "cpu"
+        self.dtype = str(dt).removeprefix("mlx.core.")
+        self.model = family.Model(family.ModelArgs.from_dict(hf.config_from_args(args, self.dtype)))
+        weights = {k: mx.array(t.to_numpy()).astype(dt)
+                   for k, t in hf.tensors_to_hf(args, tensors).items()}  # fmt: skip
+        self.model.load_weights(list(self.model.sanitize(weights).items()), strict=True)
+        mx.eval(self.model.parameters())
+
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        from mlx_lm.models.base import create_attention_mask
+
+        taps: dict[str, mx.array] = {}
+        inner = self.model.model
+        with mx.stream(self.mx_device):
+            h = inner.embed_tokens(mx.array([tokens]))
+            taps["embeddings"] = h
+            mask = create_attention_mask(h, None)
+            for i, layer in enumerate(inner.layers):
+                p = f"layers.{i}."
+                seen: list[mx.array] = []
+                rope = layer.self_attn.rope
+                layer.self_attn.rope = Recorder(rope, seen)
+                try:
+                    x = taps[p + "attention_norm"] = layer.input_layernorm(h)
+                    r = taps[p + "attention"] = layer.self_attn(x, mask)
+                finally:
+                    layer.self_attn.rope = rope
+                taps[p + "q"], taps[p + "k"] = seen[0], seen[1]
+                h = h + r
+                x = taps[p + "ffn_norm"] = layer.post_attention_layernorm(h)
+                if self.args.moe:
+                    moe = layer.block_sparse_moe
+                    taps[p + "router_logits"] = moe.gate(x)
+                    ff = moe(x)
+                else:
+                    ff = layer.mlp(x)
+                taps[p + "feed_forward"] = ff
+                h = taps[p + "residual"] = h + ff
+            taps["norm"] = inner.norm(h)
+            taps["logits"] = self.model.lm_head(taps["norm"])
+            mx.eval(taps)
+        out = {k: np.array(v.astype(mx.float32))[0] for k, v in taps.items()}
+        for i in range(self.args.n_layers):
+            for name in ("q", "k"):  # (H, T, D) in half order -> (T, H, D) in pair order
+                out[f"layers.{i}.{name}"] = halves_to_pairs(
+                    out[f"layers.{i}.{name}"].transpose(1, 0, 2)
+                )
+            if self.args.moe:
+                r = out[f"layers.{i}.router_logits"]
+                k = self.args.moe.num_experts_per_tok
+                out[f"layers.{i}.experts"] = np.sort(np.argsort(-r, axis=-1)[:, :k], axis=-1)
+        return out
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        out: list[int] = []
+        x = mx.array([prompt])
+        with mx.stream(self.mx_device):
+            for _ in range(n):
+                logits = self.model(x, cache=cache)[0, -1]
+                token = int(mx.argmax(logits.astype(mx.float32)).item())
+                out.append(token)
+                x = mx.array([[token]])
+        return out

@@ -1,0 +1,101 @@
+"""Hugging Face transformers as an outside reference for ``mistral diff``: taps and greedy runs."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import torch
+
+from backends.torch.runtime import resolve_device, resolve_dtype
+from mistral.args import ModelArgs
+from mistral.checkpoint import write_checkpoint
+from mistral.errors import MistralError
+from mistral.hf import halves_to_pairs
+from mistral.weights import RawTensor
+
+
+class HFReference:
+    """A Mistral/MixtralForCausalLM holding the same weights, loaded by transformers."""
+
+    backend = "hf"
+
+    def __init__(self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None,
+                 dtype: str | None) -> None:  # fmt: skip
+        try:
+            import transformers
+        except ImportError:
+            raise MistralError(
+                "the hf reference needs transformers: pip install transformers"
+            ) from None
+        self.args = args
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        self.device, self.dtype = str(dev), str(dt).removeprefix("torch.")
+        cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
+            write_checkpoint(tmp, "hf", args, tensors)
+            model = cls.from_pretrained(tmp, dtype=dt, attn_implementation="eager")
+        self.model = model.to(dev).eval()
+        family = "mixtral" if args.moe else "mistral"
+        self.modeling = getattr(transformers.models, family).__dict__[f"modeling_{family}"]
+
+    @torch.inference_mode()
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        taps: dict[str, torch.Tensor] = {}
+        inner = self.model.model
+        hooks = []
+
+        def record(name):
+            def hook(module, inputs, output):
+                taps[name] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        hooks.append(inner.embed_tokens.register_forward_hook(record("embeddings")))
+        for i, layer in enumerate(inner.layers):
+            p = f"layers.{i}."
+            hooks.append(layer.input_layernorm.register_forward_hook(record(p + "attention_norm")))
+            hooks.append(layer.self_attn.register_forward_hook(record(p + "attention")))
+            hooks.append(
+                layer.post_attention_layernorm.register_forward_hook(record(p + "ffn_norm"))
+            )
+            if self.args.moe:
+                hooks.append(layer.mlp.gate.register_forward_hook(record(p + "router_logits")))
+            hooks.append(layer.mlp.register_forward_hook(record(p + "feed_forward")))
+            hooks.append(layer.register_forward_hook(record(p + "residual")))
+        hooks.append(inner.norm.register_forward_hook(record("norm")))
+        rotated: list[tuple[torch.Tensor, torch.Tensor]] = []
+        original = self.modeling.apply_rotary_pos_emb
+
+        def rope(*a, **kw):
+            q, k = original(*a, **kw)
+            rotated.append((q, k))
+            return q, k
+
+        self.modeling.apply_rotary_pos_emb = rope
+        try:
+            logits = self.model(torch.tensor([tokens], device=self.model.device)).logits
+        finally:
+            self.modeling.apply_rotary_pos_emb = original
+            for h in hooks:
+                h.remove()
+        out = {name: t.float().cpu().numpy() for name, t in taps.items()}
+        out = {k: v[0] if v.ndim == 3 else v for k, v in out.items()}  # drop the batch axis
+        for i, (q, k) in enumerate(rotated):  # (1, H, T, D) in half order
+            out[f"layers.{i}.q"] = halves_to_pairs(q[0].transpose(0, 1).float().cpu().numpy())
+            out[f"layers.{i}.k"] = halves_to_pairs(k[0].transpose(0, 1).float().cpu().numpy())
+        if self.args.moe:
+            k = self.args.moe.num_experts_per_tok
+            for i in range(self.args.n_layers):
+                r = out[f"layers.{i}.router_logits"]
+                out[f"layers.{i}.experts"] = np.sort(np.argsort(-r, axis=-1)[:, :k], axis=-1)
+        out["logits"] = logits[0].float().cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        self.model.generation_config.eos_token_id = None
+        x = torch.tensor([prompt], device=self.model.device)
+        out = self.model.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt) :].tolist()

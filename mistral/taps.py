@@ -1,0 +1,32 @@
+"""Named taps: the points of the forward that both backends report when asked, defined once.
+
+Per layer, in forward order: the attention input norm, q and k after RoPE (T, heads, head_dim) in
+Mistral's pair order, the attention output (after wo), the feed-forward input norm, for MoE the
+router logits and the chosen experts (sorted), the feed-forward output, and the residual stream
+after the block. Around them: the embeddings, the final norm and the logits. One row: (T, ...).
+"""
+
+from __future__ import annotations
+
+from mistral.args import ModelArgs
+
+LAYER_TAPS = ("attention_norm", "q", "k", "attention", "ffn_norm", "router_logits", "experts",
+              "feed_forward", "residual")  # fmt: skip
+MOE_ONLY = ("router_logits", "experts")
+
+
+def tap_names(args: ModelArgs) -> list[str]:
+    """Every tap of a model, in the order the forward produces them."""
+    names = ["embeddings"]
+    for i in range(args.n_layers):
+        names += [f"layers.{i}.{t}" for t in LAYER_TAPS if args.moe or t not in MOE_ONLY]
+    return [*names, "norm", "logits"]
+
+
+def kind(name: str) -> str:
+    """'layers.3.q' -> 'q'; 'logits' -> 'logits'."""
+    return name.rsplit(".", 1)[-1] if name.startswith("layers.") else name
+
+
+def layer(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None

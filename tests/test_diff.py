@@ -1,0 +1,165 @@
+"""`mistral diff`: agreement where there should be, and a planted mistake located where it is."""
+
+import ast
+import dataclasses
+import difflib
+import json
+
+import pytest
+
+from mistral.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from mistral.diff import load_side, plot, run_diff
+from mistral.taps import tap_names
+from mistral.weights import random_weights
+from tests.helpers import ROOT, random_rows, tiny
+
+
+def ckpt(args, tensors) -> Checkpoint:
+    return Checkpoint(ROOT, "mistral", args, tensors)
+
+
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_torch_and_mlx_agree_on_every_tap(config):
+    args = tiny(config)
+    c = ckpt(args, random_weights(args, seed=1))
+    tokens = random_rows([40], args.vocab_size, 0)[0]
+    report = run_diff(load_side("torch:cpu:float32", c), load_side("mlx:cpu:float32", c), tokens)
+    assert [t.name for t in report.taps] == tap_names(args)
+    assert all(t.rel <= 1e-5 for t in report.taps), max(t.rel for t in report.taps)
+    assert report.agree and report.first_divergence is None
+    assert "agree" in report.table()
+    assert report.logits["top1"] == 1.0
+
+
+@pytest.mark.parametrize("side", ["hf:cpu:float32", "mlx-lm:cpu:float32"])
+def test_outside_references_agree_within_the_window(side):
+    args = tiny("tiny-moe")
+    c = ckpt(args, random_weights(args, seed=2))
+    tokens = random_rows([args.sliding_window], args.vocab_size, 1)[0]
+    report = run_diff(load_side("torch:cpu:float32", c), load_side(side, c), tokens)
+    assert report.agree, report.table()
+    assert {t.kind for t in report.taps} >= {"q", "k", "router_logits", "experts", "residual"}
+
+
+def test_mlx_lm_past_the_window_is_located_at_the_first_attention():
+    """mlx-lm attends past Mistral's sliding window: the diff finds it, in generation too."""
+    args = tiny("tiny-window")
+    c = ckpt(args, random_weights(args, seed=3))
+    tokens = random_rows([args.sliding_window - 2], args.vocab_size, 2)[0]
+    report = run_diff(load_side("mlx:cpu:float32", c), load_side("mlx-lm:cpu:float32", c),
+                      tokens, generate=12)  # fmt: skip
+    step = report.generation["first_difference"]
+    assert step is not None and step >= 2  # identical until the window is exceeded
+    assert report.first_divergence == "layers.0.attention"
+    assert "jumps at layer 0" in report.growth
+
+
+def test_skipped_wk_permutation_in_one_layer_is_named(tmp_path):
+    """A conversion mistake: layer 1's wk written to an HF folder without its row permutation."""
+    args = tiny("tiny-window")
+    weights = random_weights(args, seed=4)
+    write_checkpoint(tmp_path / "hf", "hf", args, weights)
+    bad = read_checkpoint(tmp_path / "hf")
+    wk = weights["layers.1.attention.wk.weight"]
+    # Reading un-permutes every wk; this one was never permuted, so reading scrambles it.
+    from mistral.hf import permute_rows
+
+    bad.tensors["layers.1.attention.wk.weight"] = permute_rows(wk, args.n_kv_heads, to_hf=False)
+    tokens = random_rows([24], args.vocab_size, 3)[0]
+    report = run_diff(load_side("torch", ckpt(args, weights)), load_side("torch", bad), tokens)
+    assert report.first_divergence == "layers.1.k"
+    assert "jumps at layer 1" in report.growth
+
+
+def test_changed_rope_theta_is_named_at_the_first_q():
+    args = tiny("tiny-dense")
+    weights = random_weights(args, seed=5)
+    wrong = dataclasses.replace(args, rope_theta=1e4)
+    tokens = random_rows([20], args.vocab_size, 4)[0]
+    a, b = load_side("torch", ckpt(args, weights)), load_side("mlx", ckpt(wrong, weights))
+    report = run_diff(a, b, tokens)
+    assert report.first_divergence == "layers.0.q"
+
+
+def test_swapped_expert_weights_are_named_at_that_layers_feed_forward():
+    args = tiny("tiny-moe")
+    weights = random_weights(args, seed=6)
+    swapped = dict(weights)
+    for w in ("w1", "w2", "w3"):
+        a, b = (
+            f"layers.1.feed_forward.experts.0.{w}.weight",
+            f"layers.1.feed_forward.experts.1.{w}.weight",
+        )
+        swapped[a], swapped[b] = weights[b], weights[a]
+    tokens = random_rows([30], args.vocab_size, 5)[0]
+    a, b = load_side("torch", ckpt(args, weights)), load_side("mlx", ckpt(args, swapped))
+    report = run_diff(a, b, tokens)
+    assert report.first_divergence == "layers.1.feed_forward"
+    router = next(t for t in report.taps if t.name == "layers.1.router_logits")
+    assert not router.exceeds  # routing is intact: the experts behind it were swapped
+
+
+def test_bfloat16_against_float32_reports_error_growth_and_top1(tmp_path):
+    args = tiny("tiny-window")
+    c = ckpt(args, random_weights(args, seed=7))
+    tokens = random_rows([30], args.vocab_size, 6)[0]
+    report = run_diff(load_side("torch:cpu:float32", c), load_side("torch:cpu:bfloat16", c), tokens)
+    residual = [t.rel for t in report.taps if t.kind == "residual"]
+    assert all(1e-4 < r < 0.1 for r in residual)  # bfloat16 rounding, not a bug
+    assert report.taps[0].tolerance == 5e-2
+    assert "per layer" in report.growth
+    assert 0.0 <= report.logits["top1"] <= 1.0 and "top-1 agreement" in report.table()
+    out = report.to_json()
+    json.dumps(out)
+    assert out["logits"]["top1"] == report.logits["top1"] and len(out["taps"]) == len(report.taps)
+    plot(report, str(tmp_path / "err.png"))
+    assert (tmp_path / "err.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def shared_lines(a: str, b: str) -> float:
+    x, y = a.splitlines(), b.splitlines()
+    same = sum(
+        m.size for m in difflib.SequenceMatcher(None, x, y, autojunk=False).get_matching_blocks()
+    )
+    return 2 * same / (len(x) + len(y))
+
+
+def structure(source: str) -> list[str]:
+    """Class and method names, and attribute names assigned in methods, in order."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            out.append(node.name.replace("__call__", "forward"))
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.append(node.attr)
+    return out
+
+
+@pytest.mark.parametrize("name, threshold", [("model.py", 0.70), ("cache.py", 0.65)])
+def test_backend_files_stay_twins(name, threshold):
+    torch_src = (ROOT / "backends" / "torch" / name).read_text()
+    mlx_src = (ROOT / "backends" / "mlx" / name).read_text()
+    # Thresholds taken from the files as written (0.715 and 0.70 of lines identical).
+    assert shared_lines(torch_src, mlx_src) >= threshold
+    assert structure(torch_src) == structure(mlx_src)
+
+
+def test_taps_cost_nothing_when_off(monkeypatch):
+    """Without tracing no tap is stored: the forward keeps no reference to intermediates."""
+    args = tiny("tiny-moe")
+    c = ckpt(args, random_weights(args, seed=8))
+    _, side = load_side("torch:cpu:float32", c)
+    runner = side.model.runner
+    from backends.torch.cache import Step
+
+    seen = []
+    original = Step.tap
+
+    def spy(self, layer, name, x):
+        seen.append(self.taps)
+        return original(self, layer, name, x)
+
+    monkeypatch.setattr(Step, "tap", spy)
+    side.model.logits([[1, 2, 3]])
+    assert seen and all(t is None for t in seen)
+    assert runner.model.training is False
