@@ -68,6 +68,12 @@ def visibility(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.n
     return mask
 
 
+def cache_size(window: int | None, longest: int) -> int:
+    """The rotating buffer holds the sliding window, or the whole run when that is shorter (or
+    there is no window): decode then reads only slots that can hold a token."""
+    return longest if window is None else min(window, longest)
+
+
 class CacheBook:
     """The slot bookkeeping of a batch of rotating buffers; ``step`` plans one forward and advances.
 
@@ -77,10 +83,10 @@ class CacheBook:
     def __init__(self, batch: int, size: int, window: int | None) -> None:
         if size <= 0 or batch <= 0:
             raise MistralError(f"cache needs batch > 0 and size > 0, got {batch} and {size}")
-        if window is not None and size < window:
-            raise MistralError(f"cache size {size} is smaller than the sliding window {window}")
         self.size = size
         self.window = window
+        # A buffer shorter than the window (a short run) must never wrap: it holds everything.
+        self.holds_all = window is None or size < window
         self.slot_pos = np.full((batch, size), -1, dtype=np.int64)  # (B, S)
         self.lengths = np.zeros(batch, dtype=np.int64)  # (B,)
 
@@ -94,7 +100,7 @@ class CacheBook:
         B, S = self.batch, self.size
         if seqlens.shape != (B,) or (seqlens < 0).any() or seqlens.sum() == 0:
             raise MistralError(f"seqlens must be {B} non-negative counts, not all 0: {seqlens}")
-        if self.window is None and (self.lengths + seqlens > S).any():
+        if self.holds_all and (self.lengths + seqlens > S).any():
             raise MistralError(
                 f"sequence of {int((self.lengths + seqlens).max())} tokens exceeds the cache of {S}"
             )
@@ -145,7 +151,7 @@ class CacheBook:
         keep = (self.slot_pos >= 0) & (self.slot_pos < lengths[:, None])  # (B, S)
         for b in range(self.batch):
             # The next query, at position lengths[b], sees the window ending there.
-            first = 0 if self.window is None else max(0, lengths[b] - self.window + 1)
+            first = 0 if self.holds_all else max(0, lengths[b] - self.window + 1)
             needed = np.arange(first, lengths[b])
             if not np.isin(needed, self.slot_pos[b][keep[b]]).all():
                 return False
@@ -166,3 +172,9 @@ class CacheBook:
             if ((evicted >= 0) & (first_q - evicted < self.window)).any():
                 return "cache+new"
         return "cache"
+
+
+def plan_prefill(length: int, window: int | None) -> tuple[StepPlan, int]:
+    """One row fed whole into an empty cache: its plan, and the buffer size that needs."""
+    size = cache_size(window, length)
+    return CacheBook(1, size, window).step([length]), size

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from mistral.backend import Runner
-from mistral.cache import CacheBook
+from mistral.cache import CacheBook, cache_size
 from mistral.errors import MistralError
 from mistral.sampling import sample
 
@@ -26,11 +26,6 @@ def check_batch(batch: list[list[int]], vocab_size: int) -> None:
         if len(bad):
             raise MistralError(f"row {i}: token id {int(bad[0])} is outside the vocabulary "
                                f"[0, {vocab_size})")  # fmt: skip
-
-
-def cache_size(window: int | None, longest: int) -> int:
-    """The rotating buffer holds the sliding window, or the longest sequence when there is none."""
-    return window if window is not None else longest
 
 
 def pad(rows: list[list[int]]) -> np.ndarray:

@@ -129,6 +129,14 @@ def test_visibility_rule():
     np.testing.assert_array_equal(visibility(q, k, None)[0, 0], [False, True, True, True, False])
 
 
+def test_buffer_shorter_than_the_window_holds_the_whole_run():
+    check_steps(2, 10, 16, [[6, 3], [1, 4], [3, 1]])
+    book = CacheBook(1, 4, 16)
+    book.step([4])
+    with pytest.raises(MistralError, match="exceeds the cache"):
+        book.step([1])
+
+
 def test_overflow_without_a_window_is_an_error():
     book = CacheBook(1, 4, None)
     book.step([3])

@@ -11,7 +11,7 @@ import numpy as np
 from backends.mlx.cache import RotatingCache, Step
 from backends.mlx.model import Transformer
 from mistral.args import ModelArgs
-from mistral.cache import CacheBook, StepPlan
+from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
 from mistral.taps import kind
@@ -92,8 +92,7 @@ class MlxRunner:
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
-        size = max(len(tokens), self.args.sliding_window or 0)
-        plan = CacheBook(1, size, self.args.sliding_window).step([len(tokens)])
+        plan, size = plan_prefill(len(tokens), self.args.sliding_window)
         with mx.stream(self.mx_device):
             step = Step.from_plan(plan, self.inv_freq)
             step.taps = {}

@@ -11,7 +11,7 @@ import torch
 from backends.torch.cache import RotatingCache, Step
 from backends.torch.model import Transformer
 from mistral.args import ModelArgs
-from mistral.cache import CacheBook, StepPlan
+from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
 from mistral.taps import kind
@@ -105,8 +105,7 @@ class TorchRunner:
     @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
-        size = max(len(tokens), self.args.sliding_window or 0)
-        plan = CacheBook(1, size, self.args.sliding_window).step([len(tokens)])
+        plan, size = plan_prefill(len(tokens), self.args.sliding_window)
         step = Step.from_plan(plan, self.inv_freq, self.torch_device)
         step.taps = {}
         x = torch.tensor([tokens], device=self.torch_device)
