@@ -69,8 +69,16 @@ class ModelArgs(Serializable):
         return {k: v for k, v in d.items() if v is not None}
 
 
-_REQUIRED = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
-             "vocab_size")  # fmt: skip
+_REQUIRED = (
+    "dim",
+    "n_layers",
+    "head_dim",
+    "hidden_dim",
+    "n_heads",
+    "n_kv_heads",
+    "norm_eps",
+    "vocab_size",
+)
 
 
 def parse_moe(d: Any) -> MoeArgs:

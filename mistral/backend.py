@@ -50,5 +50,6 @@ def build(
     device: str | None,
     dtype: str | None,
     source: str,
+    compile: bool = False,
 ) -> Runner:
-    return runtime(backend).build(args, tensors, device, dtype, source)
+    return runtime(backend).build(args, tensors, device, dtype, source, compile)

@@ -103,8 +103,14 @@ class Chat:
             self.session, keep = self._new_session(), 0
         answer: list[int] = []
         decoder = self.tok.decoder()
-        steps = stream(self.model.runner, [prompt[keep:]], max_tokens, eos_id=self.tok.eos_id,
-                       session=self.session, **sampling)  # fmt: skip
+        steps = stream(
+            self.model.runner,
+            [prompt[keep:]],
+            max_tokens,
+            eos_id=self.tok.eos_id,
+            session=self.session,
+            **sampling,
+        )
         try:
             for (token,) in steps:
                 if token is None or token == self.tok.eos_id:

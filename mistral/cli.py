@@ -33,6 +33,9 @@ class ModelOptions:
     """Compute dtype. Default: bfloat16 on CUDA and MLX's GPU, float16 on MPS, float32 on CPUs."""
     tokenizer: str | None = None
     """sentencepiece model file. Default: tokenizer.model[.v1|.v3] in the model folder."""
+    compile: bool = False
+    """torch: compile the static-shape decode step (torch.compile; replayed as a CUDA graph on
+    CUDA). The first steps are slow while it compiles."""
 
     def load(self):
         """(model, tokenizer), with the tokenizer checked against the model's vocabulary."""
@@ -51,8 +54,15 @@ class ModelOptions:
                 f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model only "
                 f"{ckpt.args.vocab_size}: they do not belong together"
             )
-        model = from_tensors(ckpt.args, ckpt.tensors, self.backend, self.device, self.dtype,
-                             str(ckpt.path))  # fmt: skip
+        model = from_tensors(
+            ckpt.args,
+            ckpt.tensors,
+            self.backend,
+            self.device,
+            self.dtype,
+            str(ckpt.path),
+            self.compile,
+        )
         return model, tok
 
 
@@ -98,8 +108,14 @@ class Generate:
             write(prompts[0], bold=True)
         start = time.perf_counter()
         first = None
-        for step in stream(model.runner, ids, self.sampling.max_tokens, eos_id=tok.eos_id,
-                           chunk_size=self.chunk_size, **self.sampling.kwargs()):  # fmt: skip
+        for step in stream(
+            model.runner,
+            ids,
+            self.sampling.max_tokens,
+            eos_id=tok.eos_id,
+            chunk_size=self.chunk_size,
+            **self.sampling.kwargs(),
+        ):
             first = first or time.perf_counter()
             for b, t in enumerate(step):
                 if t is not None and t != tok.eos_id:
@@ -162,8 +178,10 @@ class Chat:
         interactive = sys.stdin.isatty()
         if interactive:
             version = self.template or template_version(tok)
-            print(f"[{model!r}, template {version}; Ctrl-C stops an answer, Ctrl-D quits]",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[{model!r}, template {version}; Ctrl-C stops an answer, Ctrl-D quits]",
+                file=sys.stderr,
+            )
         while True:
             try:
                 text = input("> " if interactive else "")
@@ -211,8 +229,11 @@ class Info:
             from mistral.chat import template_version
 
             tok = Tokenizer(ckpt.tokenizer_path)
-            info["tokenizer"] = {"file": ckpt.tokenizer_path.name, "vocab_size": tok.vocab_size,
-                                 "chat_template": template_version(tok)}  # fmt: skip
+            info["tokenizer"] = {
+                "file": ckpt.tokenizer_path.name,
+                "vocab_size": tok.vocab_size,
+                "chat_template": template_version(tok),
+            }
         if self.json:
             print(json.dumps(info, indent=2))
             return
@@ -260,8 +281,9 @@ class Convert:
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise MistralError(f"{dst} exists and is not empty: choose a new folder")
         total = sum(cast_nbytes(t, self.dtype) for t in ckpt.tensors.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{ckpt.format} -> {self.to}",
-                  disable=None) as bar:  # fmt: skip
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"{ckpt.format} -> {self.to}", disable=None
+        ) as bar:
             write_checkpoint(dst, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
         for name in TOKENIZER_FILES:
             if (ckpt.path / name).is_file():
@@ -336,7 +358,115 @@ class Diff:
             raise SystemExit(1)
 
 
-COMMANDS = {"generate": Generate, "chat": Chat, "info": Info, "convert": Convert, "diff": Diff}
+@dataclass
+class Bench:
+    """Measure prefill and decode speed and peak memory, optionally against transformers and
+    mlx-lm on the same weights in the same run.
+
+    Prints median and spread over --repeats runs after --warmup runs, the ratio ours/theirs, and the
+    memory-bandwidth bound of decode (bytes read per step over the measured copy bandwidth).
+    """
+
+    model: str | None = None
+    """Model folder to measure (default: the embedded model unless --config is given)."""
+    config: str | None = None
+    """A shape from configs/ (e.g. mistral-7b-v0.1, small-bench) or a params.json path; the
+    weights are seeded random, so real shapes need no download."""
+    random_weights: bool = False
+    """Use seeded random weights (implied by --config)."""
+    window: int | None = None
+    """Override the sliding window of --config (e.g. to measure memory past the window)."""
+    backend: str = sp.choice("torch", "mlx", default="torch")
+    """Our backend to measure."""
+    device: str | None = None
+    """Device, as for generate (default: the best available)."""
+    dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
+    """Compute dtype (default: as for generate)."""
+    prompt_len: int = 512
+    """Prompt tokens per row."""
+    gen_len: int = 128
+    """Tokens generated per row."""
+    batch: int = 1
+    """Rows decoded together."""
+    chunk_size: int | None = None
+    """Prefill in chunks of this many tokens."""
+    repeats: int = 5
+    """Measured runs; the report gives their median and spread."""
+    warmup: int = 1
+    """Runs before measuring (allocations, kernel selection)."""
+    compare: str = ""
+    """Comma-separated references to run on the same weights: hf, mlx-lm."""
+    compile: bool = False
+    """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
+    json: str | None = None
+    """Also write the report as JSON to this file."""
+
+    def run(self) -> None:
+        import dataclasses
+
+        from mistral.args import ModelArgs
+        from mistral.bench import BenchSetup, format_report, run_bench
+        from mistral.checkpoint import read_checkpoint
+        from mistral.weights import random_weights
+
+        if self.config:
+            path = Path(self.config)
+            if not path.exists():
+                path = Path(__file__).resolve().parents[1] / "configs" / f"{self.config}.json"
+            if not path.exists():
+                raise MistralError(f"no config {self.config!r} (a name from configs/ or a path)")
+            args = ModelArgs.from_file(path)
+            if self.window:
+                args = dataclasses.replace(args, sliding_window=self.window)
+            tensors = random_weights(args, seed=0, dtype=self.dtype or "float32")
+            source = f"{path.stem} (random weights)"
+        else:
+            ckpt = read_checkpoint(self.model or DEFAULT_MODEL)
+            args, tensors, source = ckpt.args, ckpt.tensors, str(ckpt.path)
+            if self.random_weights:
+                tensors = random_weights(args, seed=0, dtype=self.dtype or "float32")
+        for name, value in (
+            ("prompt-len", self.prompt_len),
+            ("gen-len", self.gen_len),
+            ("batch", self.batch),
+            ("repeats", self.repeats),
+        ):
+            if value < 1 or (name == "gen-len" and value < 2):
+                raise MistralError(f"--{name} must be at least {2 if name == 'gen-len' else 1}")
+        compare = tuple(c for c in self.compare.replace(" ", "").split(",") if c)
+        for c in compare:
+            if c not in ("hf", "mlx-lm"):
+                raise MistralError(f"--compare: unknown reference {c!r} (use hf, mlx-lm)")
+        setup = BenchSetup(
+            args,
+            tensors,
+            source,
+            self.backend,
+            self.device,
+            self.dtype,
+            self.prompt_len,
+            self.gen_len,
+            self.batch,
+            self.repeats,
+            self.warmup,
+            self.chunk_size,
+            compare,
+            self.compile,
+        )
+        report = run_bench(setup, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(format_report(report))
+        if self.json:
+            Path(self.json).write_text(json.dumps(report, indent=2))
+
+
+COMMANDS = {
+    "generate": Generate,
+    "chat": Chat,
+    "info": Info,
+    "convert": Convert,
+    "diff": Diff,
+    "bench": Bench,
+}
 
 
 def read_stdin_prompt() -> str:
@@ -356,8 +486,11 @@ def write(text: str, bold: bool = False) -> None:
 
 
 def parser() -> sp.ArgumentParser:
-    make = functools.partial(sp.ArgumentParser, add_option_string_dash_variants=sp.DashVariant.DASH,
-                             add_config_path_arg=False)  # fmt: skip
+    make = functools.partial(
+        sp.ArgumentParser,
+        add_option_string_dash_variants=sp.DashVariant.DASH,
+        add_config_path_arg=False,
+    )
     top = make(
         prog="mistral", description="Reference Mistral/Mixtral inference on PyTorch and MLX."
     )

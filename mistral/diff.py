@@ -122,8 +122,10 @@ class Report:
         for t in self.taps:
             mark = "  <-- first divergence" if t.name == self.first_divergence else ""
             flag = " !" if t.exceeds else "  "
-            lines.append(f"{t.name:<28}{t.max_abs:>12.3e}{t.rel:>12.3e}{t.cosine:>12.8f}"
-                         f"{t.tolerance:>10.0e}{flag}{mark}")  # fmt: skip
+            lines.append(
+                f"{t.name:<28}{t.max_abs:>12.3e}{t.rel:>12.3e}{t.cosine:>12.8f}"
+                f"{t.tolerance:>10.0e}{flag}{mark}"
+            )
         if self.missing:
             lines.append(f"(reported by one side only: {', '.join(self.missing)})")
         lg = self.logits
@@ -187,15 +189,24 @@ def describe_growth(taps: list[TapDiff], first: TapDiff | None) -> str:
     if len(residual) >= 2 and residual[0] > 0:
         per_layer = (residual[-1] / residual[0]) ** (1 / (len(residual) - 1))
         trend = "grows" if per_layer > 1.2 else "stays about flat"
-        return f"the residual error {trend} layer by layer (x{per_layer:.2f} per layer, " \
-               f"{residual[0]:.1e} -> {residual[-1]:.1e})"  # fmt: skip
+        return (
+            f"the residual error {trend} layer by layer (x{per_layer:.2f} per layer, "
+            f"{residual[0]:.1e} -> {residual[-1]:.1e})"
+        )
     if first is not None and first.layer is None:
         return f"the error appears at {first.name}"
     return "no per-layer growth to report"
 
 
-def compare(taps_a: dict[str, np.ndarray], taps_b: dict[str, np.ndarray], a: str, b: str,
-            dtype_a: str, dtype_b: str, tokens: list[int]) -> Report:  # fmt: skip
+def compare(
+    taps_a: dict[str, np.ndarray],
+    taps_b: dict[str, np.ndarray],
+    a: str,
+    b: str,
+    dtype_a: str,
+    dtype_b: str,
+    tokens: list[int],
+) -> Report:
     """Compares every tap both sides report, in side a's forward order."""
     common = [n for n in taps_a if n in taps_b]
     missing = [n for n in taps_a if n not in taps_b] + [n for n in taps_b if n not in taps_a]
@@ -213,8 +224,9 @@ def compare(taps_a: dict[str, np.ndarray], taps_b: dict[str, np.ndarray], a: str
     )
 
 
-def run_diff(side_a: tuple[str, Side], side_b: tuple[str, Side], tokens: list[int],
-             generate: int = 0) -> Report:  # fmt: skip
+def run_diff(
+    side_a: tuple[str, Side], side_b: tuple[str, Side], tokens: list[int], generate: int = 0
+) -> Report:
     """The whole report; with ``generate`` both sides decode greedily first and the taps are
     compared at the first step where their tokens differ (or at the last step)."""
     (name_a, a), (name_b, b) = side_a, side_b
@@ -223,8 +235,14 @@ def run_diff(side_a: tuple[str, Side], side_b: tuple[str, Side], tokens: list[in
         ga, gb = a.greedy(tokens, generate), b.greedy(tokens, generate)
         step = next((i for i, (x, y) in enumerate(zip(ga, gb, strict=True)) if x != y), None)
         at = step if step is not None else generate - 1
-        generation = {"steps": generate, "first_difference": step, "a": ga, "b": gb,
-                      "a_token": ga[at], "b_token": gb[at]}  # fmt: skip
+        generation = {
+            "steps": generate,
+            "first_difference": step,
+            "a": ga,
+            "b": gb,
+            "a_token": ga[at],
+            "b_token": gb[at],
+        }
         tokens = tokens + ga[:at]  # the sequence whose last position chose the differing token
     ta, tb = a.trace(tokens), b.trace(tokens)
     if generation:
@@ -244,8 +262,11 @@ def plot(report: Report, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     # Per-layer kinds; chosen experts are a fraction of tokens, not an error, and are left out.
-    kinds = [k for k in dict.fromkeys(t.kind for t in report.taps if t.layer is not None)
-             if k != "experts"]  # fmt: skip
+    kinds = [
+        k
+        for k in dict.fromkeys(t.kind for t in report.taps if t.layer is not None)
+        if k != "experts"
+    ]
     floor = 1e-12
     for k in kinds:
         pts = [(t.layer, max(t.rel, floor)) for t in report.taps if t.kind == k]

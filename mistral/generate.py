@@ -24,8 +24,9 @@ def check_batch(batch: list[list[int]], vocab_size: int) -> None:
             raise MistralError(f"row {i} is not a list of integer token ids")
         bad = a[(a < 0) | (a >= vocab_size)]
         if len(bad):
-            raise MistralError(f"row {i}: token id {int(bad[0])} is outside the vocabulary "
-                               f"[0, {vocab_size})")  # fmt: skip
+            raise MistralError(
+                f"row {i}: token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})"
+            )
 
 
 def pad(rows: list[list[int]]) -> np.ndarray:

@@ -33,13 +33,19 @@ _NAMES = [
     ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
     ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
     ("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
-    ("layers.{i}.feed_forward.experts.{e}.w1.weight",
-     "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"),
-    ("layers.{i}.feed_forward.experts.{e}.w2.weight",
-     "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
-    ("layers.{i}.feed_forward.experts.{e}.w3.weight",
-     "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight"),
-]  # fmt: skip
+    (
+        "layers.{i}.feed_forward.experts.{e}.w1.weight",
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    ),
+    (
+        "layers.{i}.feed_forward.experts.{e}.w2.weight",
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    ),
+    (
+        "layers.{i}.feed_forward.experts.{e}.w3.weight",
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+    ),
+]
 
 
 def _pattern(template: str) -> re.Pattern:

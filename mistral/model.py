@@ -79,14 +79,20 @@ def from_tensors(
     device: str | None = None,
     dtype: str | None = None,
     source: str = "tensors",
+    compile: bool = False,
 ) -> Model:
     """A Model from in-memory tensors named by checkpoint keys (e.g. ``weights.random_weights``)."""
-    return Model(build(backend, args, tensors, device, dtype, source), source)
+    return Model(build(backend, args, tensors, device, dtype, source, compile), source)
 
 
 def load(
-    path: str | Path, backend: str = "torch", device: str | None = None, dtype: str | None = None
+    path: str | Path,
+    backend: str = "torch",
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> Model:
-    """Loads a model folder; device and dtype are strings ("cuda:1", "bfloat16"), None = best."""
+    """Loads a model folder; device and dtype are strings ("cuda:1", "bfloat16"), None = best.
+    ``compile`` (torch) compiles the static-shape decode step, a CUDA graph on CUDA."""
     ckpt = read_checkpoint(path)
-    return from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
+    return from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path), compile)

@@ -12,8 +12,11 @@ import numpy as np
 from mistral.errors import MistralError
 from mistral.weights import RawTensor, cast, cast_nbytes
 
-_CODES = {"F32": ("float32", np.float32), "F16": ("float16", np.float16),
-          "BF16": ("bfloat16", np.uint16)}  # fmt: skip
+_CODES = {
+    "F32": ("float32", np.float32),
+    "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.uint16),
+}
 _NAMES = {name: code for code, (name, _) in _CODES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 from mistral.args import ModelArgs
 
-LAYER_TAPS = ("attention_norm", "q", "k", "attention", "ffn_norm", "router_logits", "experts",
-              "feed_forward", "residual")  # fmt: skip
+LAYER_TAPS = (
+    "attention_norm",
+    "q",
+    "k",
+    "attention",
+    "ffn_norm",
+    "router_logits",
+    "experts",
+    "feed_forward",
+    "residual",
+)
 MOE_ONLY = ("router_logits", "experts")
 
 

@@ -90,8 +90,11 @@ def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source
     problems = []
     missing = [k for k in want if k not in shapes]
     unexpected = [k for k in shapes if k not in want]
-    wrong = [f"{k} {tuple(shapes[k])} != {want[k]}" for k in want
-             if k in shapes and tuple(shapes[k]) != want[k]]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(shapes[k])} != {want[k]}"
+        for k in want
+        if k in shapes and tuple(shapes[k]) != want[k]
+    ]
     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if names:
             shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")

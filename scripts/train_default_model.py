@@ -49,8 +49,9 @@ CONTEXT = 256
 
 def bible_chapters() -> list[str]:
     """One string per chapter, verse references stripped."""
-    out = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["bible", "-f", "gen1:1-rev22:21"], capture_output=True, text=True, check=True
+    ).stdout
     chapters: dict[str, list[str]] = {}
     for line in out.splitlines():
         m = re.match(r"^(\w+?\d*?)(\d+):\d+ (.*)$", line)
@@ -89,8 +90,15 @@ def forward(model: Transformer, tokens: torch.Tensor, inv_freq: np.ndarray) -> t
     """A first-prefill step through the shared planner: (B, T) -> (B, T, V) logits."""
     B, T = tokens.shape
     plan = CacheBook(B, ARGS.sliding_window, ARGS.sliding_window).step([T] * B)
-    cache = RotatingCache(ARGS.n_layers, B, ARGS.sliding_window, ARGS.n_kv_heads, ARGS.head_dim,
-                          torch.float32, tokens.device)  # fmt: skip
+    cache = RotatingCache(
+        ARGS.n_layers,
+        B,
+        ARGS.sliding_window,
+        ARGS.n_kv_heads,
+        ARGS.head_dim,
+        torch.float32,
+        tokens.device,
+    )
     return model(tokens, cache, Step.from_plan(plan, inv_freq, tokens.device))
 
 
@@ -142,8 +150,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         if step % 50 == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {loss.item():.3f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {loss.item():.3f}",
+                flush=True,
+            )
         step += 1
 
     model.eval()
@@ -158,11 +168,22 @@ def main() -> None:
     print(f"held-out loss {val.item():.3f} after {step} steps")
     tensors = {k: from_numpy(v.detach().numpy(), "bfloat16") for k, v in model.state_dict().items()}
     write_mistral_folder(opt.out, ARGS, tensors)
-    (opt.out / "TRAINING.json").write_text(json.dumps({
-        "text": "King James Bible, Debian bible-kjv (bible -f gen1:1-rev22:21)",
-        "tokens": len(ids), "steps": step, "batch": opt.batch, "context": CONTEXT,
-        "minutes": opt.minutes, "held_out_loss": round(val.item(), 4), "seed": opt.seed,
-    }, indent=2) + "\n")  # fmt: skip
+    (opt.out / "TRAINING.json").write_text(
+        json.dumps(
+            {
+                "text": "King James Bible, Debian bible-kjv (bible -f gen1:1-rev22:21)",
+                "tokens": len(ids),
+                "steps": step,
+                "batch": opt.batch,
+                "context": CONTEXT,
+                "minutes": opt.minutes,
+                "held_out_loss": round(val.item(), 4),
+                "seed": opt.seed,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
     model.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)  # fmt: skip
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0
+        )
     return out[0, len(prompt) :].tolist()
 
 

@@ -13,8 +13,9 @@ from tests.helpers import V1, V3, mistral_common_file, tiny
 
 
 def model_for(tokenizer: Tokenizer, window: int | None, backend: str = "torch"):
-    args = dataclasses.replace(tiny("tiny-window"), vocab_size=tokenizer.vocab_size,
-                               sliding_window=window)  # fmt: skip
+    args = dataclasses.replace(
+        tiny("tiny-window"), vocab_size=tokenizer.vocab_size, sliding_window=window
+    )
     return mistral.from_tensors(args, random_weights(args, seed=2), backend, device="cpu")
 
 
@@ -36,8 +37,9 @@ TURNS = ["Tell me of the sea.", "And of the rivers?", "Thank you; one more word.
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-@pytest.mark.parametrize("name, system, window", [(V1, "Be brief.", None), (V3, "Be brief.", None),
-                                                  (V1, None, 16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, system, window", [(V1, "Be brief.", None), (V3, "Be brief.", None), (V1, None, 16)]
+)
 def test_each_answer_equals_a_fresh_greedy_run(backend, name, system, window):
     tok = Tokenizer(mistral_common_file(name))
     model = model_for(tok, window, backend)

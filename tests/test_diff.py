@@ -46,8 +46,9 @@ def test_mlx_lm_past_the_window_is_located_at_the_first_attention():
     args = tiny("tiny-window")
     c = ckpt(args, random_weights(args, seed=3))
     tokens = random_rows([args.sliding_window - 2], args.vocab_size, 2)[0]
-    report = run_diff(load_side("mlx:cpu:float32", c), load_side("mlx-lm:cpu:float32", c),
-                      tokens, generate=12)  # fmt: skip
+    report = run_diff(
+        load_side("mlx:cpu:float32", c), load_side("mlx-lm:cpu:float32", c), tokens, generate=12
+    )
     step = report.generation["first_difference"]
     assert step is not None and step >= 2  # identical until the window is exceeded
     assert report.first_divergence == "layers.0.attention"

@@ -108,9 +108,17 @@ def test_mlx_example_layout_with_npz_and_config_json(tmp_path):
 
 
 def test_conversion_streams_one_tensor_at_a_time(tmp_path):
-    args = mistral.ModelArgs(dim=64, n_layers=8, head_dim=16, hidden_dim=96, n_heads=4,
-                             n_kv_heads=2, norm_eps=1e-5, vocab_size=32,
-                             moe=mistral.MoeArgs(4, 2))  # fmt: skip
+    args = mistral.ModelArgs(
+        dim=64,
+        n_layers=8,
+        head_dim=16,
+        hidden_dim=96,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=32,
+        moe=mistral.MoeArgs(4, 2),
+    )
     write_checkpoint(tmp_path / "src", "mistral", args, random_weights(args, 1, "bfloat16"))
     src = read_checkpoint(tmp_path / "src")
     largest = max(t.nbytes for t in src.tensors.values()) * 2  # as float32

@@ -108,8 +108,10 @@ def test_pth_checkpoint_loads_like_safetensors(tmp_path):
     write_mistral_folder(tmp_path / "st", args, weights)
     (tmp_path / "pth").mkdir()
     (tmp_path / "pth" / "params.json").write_text((tmp_path / "st" / "params.json").read_text())
-    state = {k: torch.from_numpy(t.data.view(np.int16).copy()).view(torch.bfloat16).reshape(t.shape)
-             for k, t in weights.items()}  # fmt: skip
+    state = {
+        k: torch.from_numpy(t.data.view(np.int16).copy()).view(torch.bfloat16).reshape(t.shape)
+        for k, t in weights.items()
+    }
     torch.save(state, tmp_path / "pth" / "consolidated.00.pth")
     rows = random_rows([20], args.vocab_size, 9)
     a = mistral.load(tmp_path / "st", device="cpu", dtype="float32").logits(rows)
@@ -133,9 +135,13 @@ def small():
 
 @pytest.mark.parametrize(
     "batch, message",
-    [([], "the batch is empty"), ([[1, 2], []], "row 1 is empty"),
-     ([[1, 256]], "token id 256 is outside the vocabulary"), ([[-1]], "token id -1 is outside")],
-)  # fmt: skip
+    [
+        ([], "the batch is empty"),
+        ([[1, 2], []], "row 1 is empty"),
+        ([[1, 256]], "token id 256 is outside the vocabulary"),
+        ([[-1]], "token id -1 is outside"),
+    ],
+)
 def test_bad_token_input_is_named(small, batch, message):
     with pytest.raises(MistralError, match=message):
         small.logits(batch)
@@ -163,3 +169,17 @@ def test_bad_devices_are_refused(device, message):
     args = tiny("tiny-dense")
     with pytest.raises(MistralError, match=message):
         mistral.from_tensors(args, random_weights(args), device=device)
+
+
+def test_compiled_decode_step_gives_the_same_logits():
+    """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA)."""
+    args = tiny("tiny-window")
+    weights = random_weights(args, seed=12)
+    eager = mistral.from_tensors(args, weights, device="cpu")
+    compiled = mistral.from_tensors(args, weights, device="cpu", compile=True)
+    assert compiled.runner.decode_model is not compiled.runner.model
+    rows = random_rows([10, 7], args.vocab_size, 10)
+    tokens = compiled.generate(rows, 24)
+    assert tokens == eager.generate(rows, 24)
+    full = [r + t for r, t in zip(rows, tokens, strict=True)]
+    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5

@@ -6,6 +6,8 @@ needs at least one full-attention layer, so it attends past Mistral's window; di
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -35,8 +37,9 @@ class Recorder(nn.Module):
 class MlxLmReference:
     backend = "mlx-lm"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None,
-                 dtype: str | None) -> None:  # fmt: skip
+    def __init__(
+        self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None, dtype: str | None
+    ) -> None:
         try:
             from mlx_lm.models import llama, mixtral
         except ImportError:
@@ -48,8 +51,9 @@ class MlxLmReference:
         self.device = "gpu" if self.mx_device == mx.gpu else "cpu"
         self.dtype = str(dt).removeprefix("mlx.core.")
         self.model = family.Model(family.ModelArgs.from_dict(hf.config_from_args(args, self.dtype)))
-        weights = {k: mx.array(t.to_numpy()).astype(dt)
-                   for k, t in hf.tensors_to_hf(args, tensors).items()}  # fmt: skip
+        weights = {
+            k: mx.array(t.to_numpy()).astype(dt) for k, t in hf.tensors_to_hf(args, tensors).items()
+        }
         self.model.load_weights(list(self.model.sanitize(weights).items()), strict=True)
         mx.eval(self.model.parameters())
 
@@ -111,3 +115,30 @@ class MlxLmReference:
                 out.append(token)
                 x = mx.array([[token]])
         return out
+
+    def timed(self, prompts: list[list[int]], gen_len: int):
+        """A timed greedy run through mlx-lm's own cache (equal-length prompts)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from backends.mlx.runtime import DeviceMemory
+        from mistral.bench import ResidentMemory, Timing
+
+        probe = DeviceMemory(self.mx_device)
+
+        def run() -> Timing:
+            cache = make_prompt_cache(self.model)
+            with ResidentMemory() as rss, mx.stream(self.mx_device):
+                probe.reset()
+                start = time.perf_counter()
+                logits = self.model(mx.array(prompts), cache=cache)
+                token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                mx.eval(token)
+                first = time.perf_counter()
+                for _ in range(gen_len - 1):
+                    logits = self.model(token, cache=cache)
+                    token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                    mx.eval(token)
+                end = time.perf_counter()
+            return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+
+        return run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -90,6 +91,12 @@ class MlxRunner:
             mx.eval(out, cache.k, cache.v)
         return np.array(out)
 
+    def memory_probe(self) -> DeviceMemory:
+        return DeviceMemory(self.mx_device)
+
+    def copy_bandwidth(self) -> float:
+        return copy_bandwidth(self.mx_device)
+
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         plan, size = plan_prefill(len(tokens), self.args.sliding_window)
@@ -111,13 +118,43 @@ class MlxRunner:
         return {k: np.array(v) for k, v in out.items()}
 
 
+class DeviceMemory:
+    """Peak MLX memory on the GPU; on the CPU the caller samples resident memory instead."""
+
+    def __init__(self, device: mx.Device) -> None:
+        self.on_device = device == mx.gpu
+
+    def reset(self) -> None:
+        if self.on_device:
+            mx.reset_peak_memory()
+
+    def peak(self) -> int:
+        return int(mx.get_peak_memory()) if self.on_device else 0
+
+
+def copy_bandwidth(device: mx.Device, nbytes: int = 256 * 2**20) -> float:
+    """Bytes/s of a large elementwise pass (it reads and writes every byte), best of 5."""
+    with mx.stream(device):
+        x = mx.ones((nbytes // 4,), dtype=mx.float32)
+        mx.eval(x)
+        best = float("inf")
+        for _ in range(6):
+            start = time.perf_counter()
+            mx.eval(x + 1.0)
+            best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
 def build(
     args: ModelArgs,
     tensors: Mapping[str, RawTensor],
     device: str | None,
     dtype: str | None,
     source: str = "checkpoint",
+    compile: bool = False,
 ) -> MlxRunner:
+    if compile:
+        raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

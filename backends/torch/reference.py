@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -20,8 +21,9 @@ class HFReference:
 
     backend = "hf"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None,
-                 dtype: str | None) -> None:  # fmt: skip
+    def __init__(
+        self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None, dtype: str | None
+    ) -> None:
         try:
             import transformers
         except ImportError:
@@ -99,3 +101,33 @@ class HFReference:
         x = torch.tensor([prompt], device=self.model.device)
         out = self.model.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, len(prompt) :].tolist()
+
+    def timed(self, prompts: list[list[int]], gen_len: int):
+        """A timed greedy run through transformers' own cache (equal-length prompts)."""
+        from backends.torch.runtime import DeviceMemory, synchronize
+        from mistral.bench import ResidentMemory, Timing
+
+        device = self.model.device
+        probe = DeviceMemory(device)
+
+        @torch.inference_mode()
+        def run() -> Timing:
+            x = torch.tensor(prompts, device=device)
+            with ResidentMemory() as rss:
+                probe.reset()
+                synchronize(device)
+                start = time.perf_counter()
+                out = self.model(x, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                token.cpu()
+                first = time.perf_counter()
+                past = out.past_key_values
+                for _ in range(gen_len - 1):
+                    out = self.model(token, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    token = out.logits[:, -1].argmax(-1, keepdim=True)
+                    token.cpu()  # our loop, too, sees every step's logits on the host
+                end = time.perf_counter()
+            return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+
+        return run

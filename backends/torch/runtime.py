@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -73,10 +74,22 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, args: ModelArgs, model: Transformer, device: torch.device,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: ModelArgs,
+        model: Transformer,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: bool = False,
+    ) -> None:
         self.args = args
         self.model = model
+        # Decode steps have static shapes (keys = the whole buffer): compiled once, and on CUDA
+        # replayed as a CUDA graph ("reduce-overhead"). Prefill stays eager.
+        self.decode_model = model
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self.decode_model = torch.compile(model, mode=mode, dynamic=False)
         self.torch_device = device
         self.torch_dtype = dtype
         self.device = str(device)
@@ -85,8 +98,9 @@ class TorchRunner:
 
     def new_cache(self, batch: int, size: int) -> RotatingCache:
         a = self.args
-        return RotatingCache(a.n_layers, batch, size, a.n_kv_heads, a.head_dim,
-                             self.torch_dtype, self.torch_device)  # fmt: skip
+        return RotatingCache(
+            a.n_layers, batch, size, a.n_kv_heads, a.head_dim, self.torch_dtype, self.torch_device
+        )
 
     @torch.inference_mode()
     def forward(
@@ -98,9 +112,16 @@ class TorchRunner:
         last = None
         if last_only:
             last = torch.from_numpy(np.maximum(plan.valid.sum(1) - 1, 0)).to(self.torch_device)
-        out = self.model(x, cache, step, last)
+        model = self.decode_model if plan.keys == "cache" else self.model
+        out = model(x, cache, step, last)
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
+
+    def memory_probe(self) -> DeviceMemory:
+        return DeviceMemory(self.torch_device)
+
+    def copy_bandwidth(self) -> float:
+        return copy_bandwidth(self.torch_device)
 
     @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
@@ -122,8 +143,51 @@ class TorchRunner:
         return out
 
 
-def build(args: ModelArgs, tensors: Mapping[str, RawTensor], device: str | None,
-          dtype: str | None, source: str = "checkpoint") -> TorchRunner:  # fmt: skip
+class DeviceMemory:
+    """Peak device memory on CUDA; on CPUs (and MPS, which keeps no peak) the caller samples RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.on_device = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.on_device:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.on_device else 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """Bytes/s of a large device-to-device copy (it reads and writes every byte), best of 5."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(6):
+        synchronize(device)
+        start = time.perf_counter()
+        y.copy_(x)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def build(
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    device: str | None,
+    dtype: str | None,
+    source: str = "checkpoint",
+    compile: bool = False,
+) -> TorchRunner:
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -132,7 +196,7 @@ def build(args: ModelArgs, tensors: Mapping[str, RawTensor], device: str | None,
     state = {k: to_torch(t).to(dev, dt) for k, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    return TorchRunner(args, model, dev, dt)
+    return TorchRunner(args, model, dev, dt, compile)
 
 
 def read_pth(path: str) -> dict[str, RawTensor]:

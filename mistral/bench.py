@@ -1,0 +1,287 @@
+"""Speed and memory of prefill and decode, side by side with Hugging Face transformers and mlx-lm.
+
+Each measured run feeds ``batch`` random prompts of ``prompt_len`` tokens and decodes ``gen_len``
+tokens greedily. Prefill time is the time to the first token; decode tokens/s counts the remaining
+``gen_len - 1`` steps. Runs repeat after a warm-up and report the median and the spread (min, max).
+Peak memory is device memory on CUDA and Metal, resident memory of the process on CPUs (sampled).
+The decode bound is the bytes one step must read (weights, less the embedding table but one row and
+the experts not chosen, plus the KV cache in use) over the device's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mistral.args import ModelArgs
+from mistral.weights import RawTensor
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+    peak_bytes: int
+
+
+@dataclass
+class Result:
+    name: str
+    device: str
+    dtype: str
+    prefill_tok_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return float(statistics.median(getattr(self, key)))
+
+    def summary(self) -> dict:
+        out = {"name": self.name, "device": self.device, "dtype": self.dtype}
+        for key in ("prefill_tok_s", "ttft_s", "decode_tok_s", "peak_bytes"):
+            values = getattr(self, key)
+            out[key] = {
+                "median": self.median(key),
+                "min": min(values),
+                "max": max(values),
+                "runs": values,
+            }
+        return out
+
+
+class ResidentMemory:
+    """Peak resident memory of this process while it runs, sampled every few milliseconds."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def current(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # no /proc (macOS): the lifetime maximum is all there is
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> ResidentMemory:
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab, (batch, length)).tolist()
+
+
+def decode_bytes(
+    args: ModelArgs, tensors: dict[str, RawTensor], dtype_bytes: int, context: int, batch: int
+) -> int:
+    """Bytes one decode step reads: the weights it uses and the KV cache in use."""
+    total = 0
+    for name, t in tensors.items():
+        n = int(np.prod(t.shape)) * dtype_bytes
+        if name == "tok_embeddings.weight":
+            n = t.shape[1] * dtype_bytes * batch  # one row per token
+        elif ".experts." in name and args.moe:
+            n = n * min(1.0, batch * args.moe.num_experts_per_tok / args.moe.num_experts)
+        total += int(n)
+    keys = min(context, args.sliding_window or context)
+    kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * keys * dtype_bytes * batch
+    return total + kv
+
+
+def measure(
+    name: str,
+    device: str,
+    dtype: str,
+    run: Callable[[], Timing],
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    repeats: int,
+    warmup: int,
+    progress: Callable[[str], None] | None = None,
+) -> Result:
+    result = Result(name, device, dtype)
+    for i in range(warmup + repeats):
+        t = run()
+        if progress:
+            progress(f"{name}: {'warm-up' if i < warmup else 'run'} {i + 1}/{warmup + repeats}")
+        if i < warmup:
+            continue
+        result.ttft_s.append(t.prefill_s)
+        result.prefill_tok_s.append(batch * prompt_len / t.prefill_s)
+        result.decode_tok_s.append(batch * (gen_len - 1) / max(t.decode_s, 1e-12))
+        result.peak_bytes.append(t.peak_bytes)
+    return result
+
+
+def our_run(
+    model, prompts: list[list[int]], gen_len: int, chunk_size: int | None
+) -> Callable[[], Timing]:
+    """One timed run of the generation loop users call (greedy), through our runner."""
+    from mistral.generate import stream
+
+    runner = model.runner
+    probe = runner.memory_probe()
+
+    def run() -> Timing:
+        with ResidentMemory() as rss:
+            probe.reset()
+            start = time.perf_counter()
+            steps = stream(runner, prompts, gen_len, chunk_size=chunk_size)
+            next(steps)
+            first = time.perf_counter()
+            for _ in steps:
+                pass
+            end = time.perf_counter()
+        return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+
+    return run
+
+
+@dataclass
+class BenchSetup:
+    args: ModelArgs
+    tensors: dict[str, RawTensor]
+    source: str
+    backend: str
+    device: str | None
+    dtype: str | None
+    prompt_len: int
+    gen_len: int
+    batch: int
+    repeats: int
+    warmup: int
+    chunk_size: int | None = None
+    compare: tuple[str, ...] = ()
+    compile: bool = False
+
+
+def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:
+    """Measures our backend, then each reference asked for, on the same weights and prompts."""
+    from mistral.checkpoint import Checkpoint
+    from mistral.diff import load_side
+    from mistral.model import from_tensors
+
+    prompts = random_prompts(s.batch, s.prompt_len, s.args.vocab_size)
+    model = from_tensors(s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
+    runs = [
+        (
+            f"ours ({s.backend})",
+            model.device,
+            model.dtype,
+            our_run(model, prompts, s.gen_len, s.chunk_size),
+        )
+    ]
+    ckpt = Checkpoint(None, "memory", s.args, s.tensors)  # type: ignore[arg-type]
+    for ref in s.compare:
+        _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
+        runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
+    results = []
+    for name, device, dtype, run in runs:
+        results.append(
+            measure(
+                name,
+                device,
+                dtype,
+                run,
+                s.batch,
+                s.prompt_len,
+                s.gen_len,
+                s.repeats,
+                s.warmup,
+                progress,
+            )
+        )
+    bandwidth = model.runner.copy_bandwidth()
+    context = s.prompt_len + s.gen_len // 2  # keys read by the average decode step
+    dtype_bytes = 4 if model.dtype == "float32" else 2
+    step_bytes = decode_bytes(s.args, s.tensors, dtype_bytes, context, s.batch)
+    bound = s.batch * bandwidth / step_bytes
+    ours = results[0]
+    report = {
+        "setup": {
+            "source": s.source,
+            "args": s.args.to_params(),
+            "backend": s.backend,
+            "device": model.device,
+            "dtype": model.dtype,
+            "prompt_len": s.prompt_len,
+            "gen_len": s.gen_len,
+            "batch": s.batch,
+            "repeats": s.repeats,
+            "warmup": s.warmup,
+        },
+        "results": [r.summary() for r in results],
+        "bandwidth_bytes_s": bandwidth,
+        "decode_bytes_per_step": step_bytes,
+        "decode_bound_tok_s": bound,
+        "decode_fraction_of_bound": ours.median("decode_tok_s") / bound,
+        "ratios": {
+            r.name: {
+                "decode": ours.median("decode_tok_s") / r.median("decode_tok_s"),
+                "prefill": ours.median("prefill_tok_s") / r.median("prefill_tok_s"),
+            }
+            for r in results[1:]
+        },
+    }
+    return report
+
+
+def format_report(report: dict) -> str:
+    s = report["setup"]
+    lines = [
+        f"{s['source']}: batch {s['batch']}, prompt {s['prompt_len']}, generate "
+        f"{s['gen_len']}, {s['device']} {s['dtype']}, median of {s['repeats']} "
+        "(min-max)",
+        "",
+    ]
+    head = f"{'':<16}{'prefill tok/s':>22}{'TTFT ms':>20}{'decode tok/s':>22}{'peak MiB':>12}"
+    lines.append(head)
+
+    def cell(r: dict, key: str, scale: float = 1.0, fmt: str = ".1f") -> str:
+        m, lo, hi = (r[key][k] * scale for k in ("median", "min", "max"))
+        return f"{m:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
+
+    for r in report["results"]:
+        lines.append(
+            f"{r['name']:<16}{cell(r, 'prefill_tok_s'):>22}{cell(r, 'ttft_s', 1e3):>20}"
+            f"{cell(r, 'decode_tok_s'):>22}{r['peak_bytes']['median'] / 2**20:>12.0f}"
+        )
+    lines.append("")
+    for name, ratio in report["ratios"].items():
+        lines.append(
+            f"ours / {name}: decode x{ratio['decode']:.2f}, prefill x{ratio['prefill']:.2f}"
+        )
+    bw = report["bandwidth_bytes_s"] / 1e9
+    step = report["decode_bytes_per_step"] / 2**20
+    lines.append(
+        f"decode bound: {step:.0f} MiB read per step at {bw:.1f} GB/s (copy) = "
+        f"{report['decode_bound_tok_s']:.1f} tok/s; ours reaches "
+        f"{report['decode_fraction_of_bound']:.0%}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""`mistral bench` runs and its numbers are sane; speed targets are checked by running it."""
+
+import math
+
+import pytest
+
+from mistral.bench import BenchSetup, decode_bytes, format_report, run_bench
+from mistral.weights import random_weights
+from tests.helpers import tiny
+
+
+@pytest.mark.parametrize("backend, compare", [("torch", ("hf",)), ("mlx", ("mlx-lm",))])
+def test_bench_reports_positive_finite_numbers_and_ratios(backend, compare):
+    args = tiny("tiny-moe")
+    setup = BenchSetup(
+        args,
+        random_weights(args),
+        "tiny-moe",
+        backend,
+        "cpu",
+        "float32",
+        prompt_len=24,
+        gen_len=8,
+        batch=2,
+        repeats=2,
+        warmup=1,
+        compare=compare,
+    )
+    seen = []
+    report = run_bench(setup, progress=seen.append)
+    assert len(seen) == 3 * (1 + len(compare))
+    assert [r["name"] for r in report["results"]] == [f"ours ({backend})", *compare]
+    for r in report["results"]:
+        for key in ("prefill_tok_s", "ttft_s", "decode_tok_s", "peak_bytes"):
+            values = r[key]["runs"]
+            assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+            assert r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    ratio = report["ratios"][compare[0]]
+    ours, theirs = report["results"]
+    assert ratio["decode"] == pytest.approx(
+        ours["decode_tok_s"]["median"] / theirs["decode_tok_s"]["median"]
+    )
+    assert report["bandwidth_bytes_s"] > 0 and report["decode_bound_tok_s"] > 0
+    assert 0 < report["decode_fraction_of_bound"] < 10
+    text = format_report(report)
+    assert "decode bound" in text and f"ours / {compare[0]}" in text
+
+
+def test_decode_bytes_count_weights_in_use_and_the_cache():
+    args = tiny("tiny-moe")
+    weights = random_weights(args)
+    one = decode_bytes(args, weights, 4, context=10, batch=1)
+    # The embedding table is read one row per token; of the experts, only the chosen ones.
+    experts = sum(t.nbytes for k, t in weights.items() if ".experts." in k)
+    table = weights["tok_embeddings.weight"].nbytes
+    rest = sum(t.nbytes for t in weights.values()) - experts - table
+    kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 10 * 4
+    assert one == rest + experts // 2 + args.dim * 4 + kv
+    # Past the window the cache read stops growing.
+    assert decode_bytes(args, weights, 4, 1000, 1) == decode_bytes(args, weights, 4, 16, 1)
