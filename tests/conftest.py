@@ -5,7 +5,6 @@ import pytest
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA or Metal device (opt in: -m gpu)")
-    config.addinivalue_line("markers", "weights: needs real checkpoints (opt in: -m weights)")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,176 @@
+"""The `mistral` command, run as users run it: output, exit codes, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, V1, mistral_common_file
+
+DEFAULT = ROOT / "mistral" / "default_model"
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mistral", *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "convert", "diff", "bench"])
+def test_help_explains_every_command(command):
+    out = run(command, "--help")
+    assert out.returncode == 0 and "usage: mistral " + command in out.stdout
+    assert "(default:" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_generate_on_the_default_model(backend):
+    out = run(
+        "generate", "--prompt", "And it came to pass", "--max-tokens", "40", "--backend", backend
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("And it came to pass")
+    assert len(out.stdout.split()) > 15
+    assert "prompt:" in out.stderr and "tok/s" in out.stderr
+
+
+def test_generate_reads_stdin_and_batches():
+    piped = run("generate", "--max-tokens", "10", stdin="In the beginning\n")
+    assert piped.returncode == 0 and piped.stdout.startswith("In the beginning")
+    batch = run(
+        "generate", "--prompt", "Jesus wept.", "--prompt", "Let there be", "--max-tokens", "8"
+    )
+    assert (
+        batch.returncode == 0 and "Jesus wept." in batch.stdout and "Let there be" in batch.stdout
+    )
+
+
+def test_sampling_is_repeatable_with_a_seed():
+    a = run(
+        "generate", "--prompt", "And", "--temperature", "0.8", "--seed", "3", "--max-tokens", "20"
+    )
+    b = run(
+        "generate", "--prompt", "And", "--temperature", "0.8", "--seed", "3", "--max-tokens", "20"
+    )
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_chat_keeps_going_over_turns():
+    out = run("chat", "--max-tokens", "12", stdin="Who made the heaven?\nAnd the earth?\n")
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 2
+
+
+def test_info_text_and_json():
+    out = run("info", str(DEFAULT))
+    assert out.returncode == 0 and "mistral format" in out.stdout and "sliding window" in out.stdout
+    info = json.loads(run("info", str(DEFAULT), "--json").stdout)
+    assert info["format"] == "mistral" and info["parameters"] > 1_000_000
+    assert info["tokenizer"]["chat_template"] == "v1"
+
+
+def test_convert_then_generate_the_same_text(tmp_path):
+    for fmt in ("hf", "mlx"):
+        out = run("convert", str(DEFAULT), str(tmp_path / fmt), "--to", fmt)
+        assert out.returncode == 0, out.stderr
+    texts = [
+        run("generate", "--model", str(m), "--prompt", "The LORD", "--max-tokens", "20").stdout
+        for m in (DEFAULT, tmp_path / "hf", tmp_path / "mlx")
+    ]
+    assert texts[0] == texts[1] == texts[2] and texts[0]
+    again = run("convert", str(DEFAULT), str(tmp_path / "hf"), "--to", "hf")
+    assert_one_line_error(again, "not empty")
+
+
+def test_diff_reports_agreement_with_json_and_plot(tmp_path):
+    out = run(
+        "diff",
+        "--a",
+        "torch:cpu:float32",
+        "--b",
+        "mlx:cpu:float32",
+        "--prompt",
+        "And God said",
+        "--generate",
+        "6",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "verdict: the two sides agree" in out.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["agree"] and report["generation"]["first_difference"] is None
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_diff_exits_1_when_sides_disagree(tmp_path):
+    out = run(
+        "diff", "--a", "torch:cpu:float32", "--b", "torch:cpu:bfloat16", "--tokens", "1,5,9,300"
+    )
+    assert out.returncode in (0, 1) and "top-1 agreement" in out.stdout
+    assert ("agree" in out.stdout) == (out.returncode == 0)
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    out = run(
+        "bench",
+        "--config",
+        "tiny-dense",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "b.json"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "decode tok/s" in out.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["decode_tok_s"]["median"] > 0
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(
+        run("generate", "--model", str(tmp_path / "empty"), "--prompt", "a"),
+        "no known checkpoint format",
+    )
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(DEFAULT, no_tok)
+    (no_tok / "tokenizer.model").unlink()
+    assert_one_line_error(run("generate", "--model", str(no_tok), "--prompt", "a"), "no tokenizer")
+    big = run("generate", "--tokenizer", str(mistral_common_file(V1)), "--prompt", "a")
+    assert_one_line_error(big, "32000 tokens but the model only 2048")
+    assert_one_line_error(run("generate", "--device", "cuda", "--prompt", "a"), "not available")
+    assert_one_line_error(
+        run("generate", "--backend", "mlx", "--device", "tpu", "--prompt", "a"),
+        "unknown MLX device",
+    )
+    assert_one_line_error(run("diff", "--tokens", "1,x"), "not a comma-separated list")
+    assert_one_line_error(run("generate", "--prompt", "a", "--top-p", "0"), "top_p")
+    broken = tmp_path / "broken"
+    shutil.copytree(DEFAULT, broken)
+    data = (broken / "consolidated.safetensors").read_bytes()
+    (broken / "consolidated.safetensors").write_bytes(data[:1000])
+    assert_one_line_error(run("info", str(broken)), "truncated")
+    assert_one_line_error(run("bench", "--config", "nope"), "no config")

@@ -1,0 +1,64 @@
+"""The embedded default model: it loads on both backends, writes in its style, and half precision
+keeps its argmax."""
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral.tokenizer import Tokenizer
+from tests.helpers import ROOT
+
+DEFAULT = ROOT / "mistral" / "default_model"
+TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and "
+    "void; and darkness was upon the face of the deep. And God said, Let there be light: and there "
+    "was light. The LORD is my shepherd; I shall not want. He maketh me to lie down in green "
+    "pastures: he leadeth me beside the still waters."
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(DEFAULT / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    """Scripture and the model's own greedy continuation: positions with real structure."""
+    model = mistral.load(DEFAULT, device="cpu", dtype="float32")
+    prompts = [tok.encode(TEXT), tok.encode("And it came to pass")]
+    return [p + g for p, g in zip(prompts, model.generate(prompts, 200), strict=True)]
+
+
+def test_shape_window_and_tokenizer(tok):
+    model = mistral.load(DEFAULT, device="cpu")
+    a = model.args
+    assert a.sliding_window is not None and a.sliding_window < 256
+    assert tok.vocab_size == a.vocab_size and tok.bos_id == 1 and tok.eos_id == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_half_precision_agrees_with_float32_on_argmax(rows, backend, dtype):
+    full = mistral.load(DEFAULT, backend=backend, device="cpu", dtype="float32")
+    half = mistral.load(DEFAULT, backend=backend, device="cpu", dtype=dtype)
+    a = np.concatenate(full.logits(rows)).argmax(-1)
+    b = np.concatenate(half.logits(rows)).argmax(-1)
+    assert len(a) > 2 * full.args.sliding_window
+    assert (a == b).mean() >= 0.99, (a == b).mean()
+
+
+def test_it_writes_in_the_style_of_its_text(tok):
+    model = mistral.load(DEFAULT, device="cpu")
+    out = tok.decode(model.generate([tok.encode("And the LORD said unto Moses")], 60)[0])
+    words = out.split()
+    assert len(words) > 20
+    common = {"the", "and", "of", "unto", "he", "that", "shall", "LORD", "to", "in", "his", "them"}
+    assert sum(w.strip(",.;:") in common for w in words) > len(words) / 5, out
+
+
+def test_both_backends_generate_the_same_text(tok):
+    prompt = [tok.encode("Blessed are the poor in spirit")]
+    a = mistral.load(DEFAULT, backend="torch", device="cpu").generate(prompt, 80)
+    b = mistral.load(DEFAULT, backend="mlx", device="cpu").generate(prompt, 80)
+    assert a == b

@@ -1,0 +1,69 @@
+"""Opt-in checks on a CUDA or Metal device: `pytest -m gpu`. Not part of the default suite."""
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral.tokenizer import Tokenizer
+from mistral.weights import random_weights
+from tests.helpers import ROOT, max_diff, random_rows, tiny
+
+pytestmark = pytest.mark.gpu
+DEFAULT = ROOT / "mistral" / "default_model"
+
+
+def cuda_or_skip() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.fail("-m gpu was asked for, but torch sees no CUDA device")
+
+
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_cuda_float32_matches_cpu(config):
+    cuda_or_skip()
+    args = tiny(config)
+    weights = random_weights(args, seed=1)
+    rows = random_rows([45, 7, 20], args.vocab_size, 0)
+    cpu = mistral.from_tensors(args, weights, device="cpu", dtype="float32")
+    gpu = mistral.from_tensors(args, weights, device="cuda", dtype="float32")
+    # TF32 matmuls are off by default in torch for float32; the tolerance stays at 1e-4.
+    assert max_diff(gpu.logits(rows, chunk_size=6), cpu.logits(rows)) <= 1e-4
+    assert gpu.generate(rows, 40) == cpu.generate(rows, 40)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_half_precision_keeps_the_argmax(dtype):
+    cuda_or_skip()
+    tok = Tokenizer(DEFAULT / "tokenizer.model")
+    full = mistral.load(DEFAULT, device="cuda", dtype="float32")
+    half = mistral.load(DEFAULT, device="cuda", dtype=dtype)
+    prompt = [tok.encode("In the beginning God created the heaven and the earth.")]
+    rows = [prompt[0] + full.generate(prompt, 300)[0]]
+    a = np.concatenate(full.logits(rows)).argmax(-1)
+    b = np.concatenate(half.logits(rows)).argmax(-1)
+    assert (a == b).mean() >= 0.99
+
+
+def test_cuda_graph_decode_equals_eager():
+    cuda_or_skip()
+    args = tiny("tiny-window")
+    weights = random_weights(args, seed=2)
+    eager = mistral.from_tensors(args, weights, device="cuda", dtype="bfloat16")
+    graphed = mistral.from_tensors(args, weights, device="cuda", dtype="bfloat16", compile=True)
+    rows = random_rows([12, 12], args.vocab_size, 1)
+    out = graphed.generate(rows, 48)
+    assert out == eager.generate(rows, 48)
+    full = [r + t for r, t in zip(rows, out, strict=True)]
+    assert max_diff(graphed.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 2e-2
+
+
+def test_mlx_gpu_matches_mlx_cpu():
+    mx = pytest.importorskip("mlx.core")
+    if not mx.is_available(mx.gpu):
+        pytest.fail("-m gpu was asked for, but MLX has no GPU here")
+    args = tiny("tiny-moe")
+    weights = random_weights(args, seed=3)
+    rows = random_rows([40, 9], args.vocab_size, 2)
+    cpu = mistral.from_tensors(args, weights, backend="mlx", device="cpu", dtype="float32")
+    gpu = mistral.from_tensors(args, weights, backend="mlx", device="gpu", dtype="float32")
+    assert max_diff(gpu.logits(rows), cpu.logits(rows)) <= 1e-4
