@@ -30,8 +30,10 @@ def read_header(path: Path) -> tuple[dict, int]:
             if len(head) < 8:
                 raise MistralError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
+            if n > _MAX_HEADER:
                 raise MistralError(f"{path}: corrupt safetensors header (length {n})")
+            if n > size - 8:
+                raise MistralError(f"{path}: truncated safetensors file ({size} bytes, header {n})")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MistralError(f"{path}: corrupt safetensors file ({e})") from None

@@ -9,12 +9,14 @@ from mistral.tokenizer import Tokenizer
 from tests.helpers import ROOT
 
 DEFAULT = ROOT / "mistral" / "default_model"
-TEXT = (
+PROMPTS = [
     "In the beginning God created the heaven and the earth. And the earth was without form, and "
-    "void; and darkness was upon the face of the deep. And God said, Let there be light: and there "
-    "was light. The LORD is my shepherd; I shall not want. He maketh me to lie down in green "
-    "pastures: he leadeth me beside the still waters."
-)
+    "void; and darkness was upon the face of the deep.",
+    "And it came to pass",
+    "Blessed are the meek: for they shall inherit the earth.",
+    "Then Peter said unto them,",
+    "The LORD is my shepherd; I shall not want.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +26,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def rows(tok):
-    """Scripture and the model's own greedy continuation: positions with real structure."""
+    """Scripture and the model's own greedy continuations: ~1600 positions with real structure
+    (a few hundred are too few: near-ties flip in bfloat16 by luck; transformers' own bfloat16
+    agrees on 99.4% of these)."""
     model = mistral.load(DEFAULT, device="cpu", dtype="float32")
-    prompts = [tok.encode(TEXT), tok.encode("And it came to pass")]
-    return [p + g for p, g in zip(prompts, model.generate(prompts, 200), strict=True)]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    return [p + g for p, g in zip(prompts, model.generate(prompts, 300), strict=True)]
 
 
 def test_shape_window_and_tokenizer(tok):
