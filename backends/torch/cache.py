@@ -15,8 +15,7 @@ class Step:
     """A StepPlan on the device, made once per forward and shared by every layer."""
 
     keys: KeyLayout
-    cos: torch.Tensor  # (B, 1, T, D/2) float32, RoPE angles of every new token and pair
-    sin: torch.Tensor  # (B, 1, T, D/2)
+    rotation: torch.Tensor  # (B, 1, T, D/2) complex64: e^(i * angle) per new token and pair
     mask: torch.Tensor  # (B, 1, T, K) bool, broadcast over heads
     rows: torch.Tensor  # (M,) int64
     cols: torch.Tensor  # (M,) int64
@@ -36,8 +35,7 @@ class Step:
         angles = put(plan.positions)[:, None, :, None] * put(inv_freq)  # (B, 1, T, D/2)
         return cls(
             keys=plan.keys,
-            cos=angles.cos(),
-            sin=angles.sin(),
+            rotation=torch.polar(torch.ones_like(angles), angles),
             mask=put(plan.mask)[:, None],
             rows=put(plan.store_rows),
             cols=put(plan.store_cols),

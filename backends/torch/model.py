@@ -17,17 +17,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # normalize in float32, cast back, then scale
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # Normalizes in float32, casts back, then scales.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
-    cos, sin = step.cos, step.sin  # (B, 1, T, D/2)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, T, D/2, 2)
-    return out.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex
+    return torch.view_as_real(pairs * step.rotation).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
