@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import simple_parsing as sp
@@ -485,16 +485,23 @@ def write(text: str, bold: bool = False) -> None:
     sys.stdout.flush()
 
 
-def parser() -> sp.ArgumentParser:
-    make = functools.partial(
-        sp.ArgumentParser,
-        add_option_string_dash_variants=sp.DashVariant.DASH,
-        add_config_path_arg=False,
-    )
-    top = make(
+class Parser(sp.ArgumentParser):
+    """simple-parsing's parser with --dash-options and usage errors on one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("add_option_string_dash_variants", sp.DashVariant.DASH)
+        kwargs.setdefault("add_config_path_arg", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> Parser:
+    top = Parser(
         prog="mistral", description="Reference Mistral/Mixtral inference on PyTorch and MLX."
     )
-    sub = top.add_subparsers(dest="command", required=True, parser_class=make, metavar="COMMAND")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for name, cls in COMMANDS.items():
         doc = (cls.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc)

@@ -219,3 +219,44 @@ def test_permutation_is_a_view_not_a_copy():
 
     p = permute_rows(t, 2, to_hf=True)
     assert np.shares_memory(p.data, t.data)
+
+
+def test_a_dtype_the_device_cannot_run_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+
+    def no_half(x, w, *rest):
+        raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+
+    monkeypatch.setattr(torch.nn.functional, "linear", no_half)
+    with pytest.raises(MistralError, match=r"dtype float16 cannot run on cpu \(.addmm_impl_cpu_"):
+        mistral.load(tmp_path, device="cpu", dtype="float16")
+
+
+def test_mlx_backend_reads_safetensors_without_torch(tmp_path):
+    """A Mac without torch: safetensors load through MLX, a .pth says it needs torch."""
+    import subprocess
+    import sys
+
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path / "st", "mistral", args, random_weights(args, dtype="bfloat16"))
+    (tmp_path / "pth").mkdir()
+    (tmp_path / "pth" / "params.json").write_text((tmp_path / "st" / "params.json").read_text())
+    (tmp_path / "pth" / "consolidated.00.pth").write_bytes(b"not read")
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import mistral
+m = mistral.load({str(tmp_path / "st")!r}, backend="mlx", device="cpu")
+print(m.logits([[1, 2, 3]])[0].shape)
+try:
+    mistral.load({str(tmp_path / "pth")!r}, backend="mlx", device="cpu")
+except mistral.MistralError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "(3, 256)" in out.stdout
+    assert "reading a .pth checkpoint needs torch" in out.stdout

@@ -48,6 +48,18 @@ def resolve_dtype(dtype: str | None, device: mx.Device) -> mx.Dtype:
     return DTYPES[dtype]
 
 
+def check_runs(device: mx.Device, dtype: mx.Dtype) -> None:
+    """Refuses, in one line, a dtype the device cannot compute in."""
+    try:
+        with mx.stream(device):
+            x = mx.ones((2, 4), dtype=dtype)
+            mx.eval((x @ x.T).sum())
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        raise MistralError(f"dtype {name} cannot run on MLX's {device} ({reason})") from None
+
+
 def to_mlx(t: RawTensor) -> mx.array:
     data = np.ascontiguousarray(t.data).reshape(t.shape)
     if t.dtype == "bfloat16":
@@ -158,6 +170,7 @@ def build(
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_runs(dev, dt)
     model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
     model.load_weights([(k, to_mlx(t).astype(dt)) for k, t in tensors.items()], strict=True)
     mx.eval(model.parameters())

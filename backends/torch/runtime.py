@@ -62,6 +62,17 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, in one line, a dtype the device cannot compute in (bfloat16 on older MPS, say)."""
+    try:
+        x = torch.ones(2, 4, device=device, dtype=dtype)
+        torch.nn.functional.linear(x, x).sum().item()
+    except (RuntimeError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = str(dtype).removeprefix("torch.")
+        raise MistralError(f"dtype {name} cannot run on {device} ({reason})") from None
+
+
 def to_torch(t: RawTensor) -> torch.Tensor:
     data = np.array(t.data)  # a writable copy of one (possibly memory-mapped) tensor
     if t.dtype == "bfloat16":
@@ -191,6 +202,7 @@ def build(
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_runs(dev, dt)
     with torch.device("meta"):
         model = Transformer(args)
     state = {k: to_torch(t).to(dev, dt) for k, t in tensors.items()}
