@@ -48,7 +48,7 @@ class Session:
     def feed(self, rows: list[list[int]], chunk_size: int | None, last_only: bool):
         """Feeds rows their new tokens (maybe none) in chunks; yields (seqlens, logits) each."""
         longest = max(len(r) for r in rows)
-        chunk = chunk_size or longest
+        chunk = longest if chunk_size is None else chunk_size
         if chunk <= 0:
             raise MistralError(f"chunk_size must be positive, got {chunk_size}")
         for start in range(0, longest, chunk):

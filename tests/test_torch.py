@@ -183,3 +183,12 @@ def test_compiled_decode_step_gives_the_same_logits():
     assert tokens == eager.generate(rows, 24)
     full = [r + t for r, t in zip(rows, tokens, strict=True)]
     assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
+
+
+def test_bad_generation_options_are_named(small):
+    with pytest.raises(MistralError, match="chunk_size must be positive"):
+        small.logits([[1, 2, 3]], chunk_size=0)
+    with pytest.raises(MistralError, match="top_p must be in"):
+        small.generate([[1, 2]], 4, top_p=0.0)
+    with pytest.raises(MistralError, match="max_tokens must be >= 0"):
+        small.generate([[1, 2]], -1)
