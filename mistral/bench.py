@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -220,7 +221,7 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
             our_run(model, prompts, s.gen_len, s.chunk_size),
         )
     ]
-    ckpt = Checkpoint(None, "memory", s.args, s.tensors)  # type: ignore[arg-type]
+    ckpt = Checkpoint(Path(s.source), "memory", s.args, s.tensors)
     for ref in s.compare:
         _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
         runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
