@@ -11,7 +11,7 @@ import numpy as np
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan
 from mistral.errors import MistralError
-from mistral.weights import RawTensor
+from mistral.weights import RawTensor, check_tensors
 
 BACKENDS = {"torch": "torch", "mlx": "mlx"}  # backend name -> the package it needs
 
@@ -58,4 +58,6 @@ def build(
     source: str,
     compile: bool = False,
 ) -> Runner:
-    return runtime(backend).build(args, tensors, device, dtype, source, compile)
+    """Checks the tensors against the spec, then hands them to the backend."""
+    check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
+    return runtime(backend).build(args, tensors, device, dtype, compile)

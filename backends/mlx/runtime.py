@@ -16,7 +16,7 @@ from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
 from mistral.taps import kind
-from mistral.weights import RawTensor, check_tensors
+from mistral.weights import RawTensor
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -162,12 +162,10 @@ def build(
     tensors: Mapping[str, RawTensor],
     device: str | None,
     dtype: str | None,
-    source: str = "checkpoint",
     compile: bool = False,
 ) -> MlxRunner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
-    check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
