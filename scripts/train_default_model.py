@@ -86,7 +86,7 @@ def train_tokenizer(chapters: list[str], out: Path) -> spm.SentencePieceProcesso
     return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
 
 
-def forward(model: Transformer, tokens: torch.Tensor, inv_freq: np.ndarray) -> torch.Tensor:
+def forward(model: Transformer, tokens: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """A first-prefill step through the shared planner: (B, T) -> (B, T, V) logits."""
     B, T = tokens.shape
     plan = CacheBook(B, ARGS.sliding_window, ARGS.sliding_window).step([T] * B)
@@ -99,7 +99,7 @@ def forward(model: Transformer, tokens: torch.Tensor, inv_freq: np.ndarray) -> t
         torch.float32,
         tokens.device,
     )
-    return model(tokens, cache, Step.from_plan(plan, inv_freq, tokens.device))
+    return model(tokens, cache, Step.from_plan(plan, inv_freq))
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
                 w.fill_(1.0)
             else:
                 w.normal_(0.0, 0.02 if "wo" not in name and "w2" not in name else 0.02 / 3)
-    inv_freq = inv_frequencies(ARGS.head_dim, ARGS.rope_theta)
+    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
     optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = np.random.default_rng(opt.seed)
     budget = opt.minutes * 60

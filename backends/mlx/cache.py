@@ -29,14 +29,16 @@ class Step:
             self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, inv_freq: np.ndarray) -> Step:
+    def from_plan(cls, plan: StepPlan, freqs: mx.array) -> Step:
+        """``freqs``: (D/2,) float32, the period of each RoPE pair (1 / the shared frequencies)."""
+
         def put(a: np.ndarray) -> mx.array:
             return mx.array(a.astype(np.int32) if a.dtype == np.int64 else a)
 
         return cls(
             keys=plan.keys,
             offsets=put(plan.lengths),
-            freqs=put(1.0 / inv_freq),
+            freqs=freqs,
             mask=put(plan.mask)[:, None],
             rows=put(plan.store_rows),
             cols=put(plan.store_cols),

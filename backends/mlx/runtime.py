@@ -81,7 +81,7 @@ class MlxRunner:
         self.mx_dtype = dtype
         self.device = "gpu" if device == mx.gpu else "cpu"
         self.dtype = next(k for k, v in DTYPES.items() if v == dtype)
-        self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
+        self.freqs = mx.array(1.0 / inv_frequencies(args.head_dim, args.rope_theta))
 
     def new_cache(self, batch: int, size: int) -> RotatingCache:
         a = self.args
@@ -92,7 +92,7 @@ class MlxRunner:
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
         with mx.stream(self.mx_device):
-            step = Step.from_plan(plan, self.inv_freq)
+            step = Step.from_plan(plan, self.freqs)
             x = mx.array(tokens.astype(np.int32))
             last = None
             if last_only:
@@ -113,7 +113,7 @@ class MlxRunner:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         plan, size = plan_prefill(len(tokens), self.args.sliding_window)
         with mx.stream(self.mx_device):
-            step = Step.from_plan(plan, self.inv_freq)
+            step = Step.from_plan(plan, self.freqs)
             step.taps = {}
             x = mx.array([tokens])
             step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))

@@ -28,11 +28,14 @@ class Step:
             self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, inv_freq: np.ndarray, device: torch.device) -> Step:
+    def from_plan(cls, plan: StepPlan, inv_freq: torch.Tensor) -> Step:
+        """``inv_freq``: (D/2,) float32 on the device, the shared RoPE frequencies."""
+        device = inv_freq.device
+
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
-        angles = put(plan.positions)[:, None, :, None] * put(inv_freq)  # (B, 1, T, D/2)
+        angles = put(plan.positions)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
         return cls(
             keys=plan.keys,
             rotation=torch.polar(torch.ones_like(angles), angles),

@@ -105,7 +105,7 @@ class TorchRunner:
         self.torch_dtype = dtype
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
-        self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta)
+        self.inv_freq = torch.from_numpy(inv_frequencies(args.head_dim, args.rope_theta)).to(device)
 
     def new_cache(self, batch: int, size: int) -> RotatingCache:
         a = self.args
@@ -118,7 +118,7 @@ class TorchRunner:
         self, tokens: np.ndarray, plan: StepPlan, cache: RotatingCache, last_only: bool
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
-        step = Step.from_plan(plan, self.inv_freq, self.torch_device)
+        step = Step.from_plan(plan, self.inv_freq)
         x = torch.from_numpy(tokens).to(self.torch_device)
         last = None
         if last_only:
@@ -138,7 +138,7 @@ class TorchRunner:
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         plan, size = plan_prefill(len(tokens), self.args.sliding_window)
-        step = Step.from_plan(plan, self.inv_freq, self.torch_device)
+        step = Step.from_plan(plan, self.inv_freq)
         step.taps = {}
         x = torch.tensor([tokens], device=self.torch_device)
         step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))
