@@ -36,6 +36,12 @@ def encode_chat(
     version = version or template_version(tok)
     if version not in ("v1", "v3"):
         raise MistralError(f"unknown chat template {version!r}: use v1 or v3")
+    begin, end = tok.control_id("[INST]"), tok.control_id("[/INST]")
+    if version == "v3" and (begin is None or end is None):
+        raise MistralError(
+            f"template v3 needs [INST] and [/INST] control tokens, which {tok.path.name} "
+            "lacks: use v1"
+        )
     users = [i for i, m in enumerate(messages) if m.role == "user"]
     if not users or messages[-1].role != "user":
         raise MistralError("a chat prompt must end with a user message")
@@ -49,8 +55,7 @@ def encode_chat(
             if version == "v1":
                 ids += tok.encode(f"[INST] {text} [/INST]", bos=False)
             else:
-                ids += [tok.control_id("[INST]"), *tok.encode(text, bos=False)]
-                ids += [tok.control_id("[/INST]")]
+                ids += [begin, *tok.encode(text, bos=False), end]
         elif m.role == "assistant":
             if isinstance(m.content, str):
                 text = m.content if version == "v1" else m.content.rstrip(" ")

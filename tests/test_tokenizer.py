@@ -115,3 +115,9 @@ def test_chat_must_end_with_a_user_turn(pair):
     tok, _ = pair
     with pytest.raises(MistralError, match="must end with a user message"):
         encode_chat(tok, [Message("user", "a"), Message("assistant", "b")])
+
+
+def test_v3_template_needs_its_control_tokens():
+    tok = Tokenizer(mistral_common_file(V1))
+    with pytest.raises(MistralError, match="template v3 needs"):
+        encode_chat(tok, [Message("user", "hi")], version="v3")
