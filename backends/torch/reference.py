@@ -37,7 +37,7 @@ class HFReference:
         cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
         with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
             write_checkpoint(tmp, "hf", args, tensors)
-            model = cls.from_pretrained(tmp, dtype=dt, attn_implementation="eager")
+            model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
         self.model = model.to(dev).eval()
         family = "mixtral" if args.moe else "mistral"
         self.modeling = getattr(transformers.models, family).__dict__[f"modeling_{family}"]
