@@ -147,3 +147,22 @@ def test_reads_safetensors_and_refuses_unknown_devices(tmp_path):
     else:
         with pytest.raises(MistralError, match="not available to MLX"):
             mistral.load(tmp_path, backend="mlx", device="gpu")
+
+
+def test_moe_gathers_the_chosen_experts_without_a_host_sync_or_a_second_copy():
+    """float32 on the CPU: experts stacked once for mx.gather_mm; same logits as the loop."""
+    import mlx.core as mx
+
+    args = tiny("tiny-moe")
+    weights = random_weights(args, seed=21)
+    before = mx.get_active_memory()
+    model = mistral.from_tensors(args, weights, backend="mlx", device="cpu", dtype="float32")
+    held = mx.get_active_memory() - before
+    assert held <= 1.05 * sum(t.nbytes for t in weights.values())  # not stacked and per expert
+    moes = [block.feed_forward for block in model.runner.model.layers]
+    assert all(moe.stacked is not None for moe in moes)
+    rows = random_rows([30, 6], args.vocab_size, 9)
+    gathered = model.logits(rows, chunk_size=7)
+    for moe in moes:
+        object.__setattr__(moe, "stacked", None)  # back to the per-expert loop
+    assert max_diff(gathered, model.logits(rows, chunk_size=7)) <= 1e-5

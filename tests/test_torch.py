@@ -171,13 +171,17 @@ def test_bad_devices_are_refused(device, message):
         mistral.from_tensors(args, random_weights(args), device=device)
 
 
-def test_compiled_decode_step_gives_the_same_logits():
-    """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA)."""
-    args = tiny("tiny-window")
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_compiled_decode_step_gives_the_same_logits(config):
+    """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA); MoE
+    layers then gather their chosen experts instead of looping with host syncs."""
+    args = tiny(config)
     weights = random_weights(args, seed=12)
     eager = mistral.from_tensors(args, weights, device="cpu")
     compiled = mistral.from_tensors(args, weights, device="cpu", compile=True)
     assert compiled.runner.decode_model is not compiled.runner.model
+    if args.moe:
+        assert all(b.feed_forward.stacked is not None for b in compiled.runner.model.layers)
     rows = random_rows([10, 7], args.vocab_size, 10)
     tokens = compiled.generate(rows, 24)
     assert tokens == eager.generate(rows, 24)

@@ -83,6 +83,8 @@ class MoeLayer(nn.Module):
         self.num_experts_per_tok = args.moe.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
+        # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
+        self.stacked: tuple[mx.array, mx.array, mx.array] | None = None
 
     def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
         shape = x.shape
@@ -95,6 +97,14 @@ class MoeLayer(nn.Module):
             step.tap(layer, "router_logits", logits)
             step.tap(layer, "experts", chosen)
         weights = mx.softmax(weights.astype(mx.float32), axis=-1).astype(x.dtype)
+        if self.stacked is not None:
+            # Only the chosen experts' weights are read, with no host sync (any number of rows).
+            w1, w2, w3 = (w.swapaxes(-1, -2) for w in self.stacked)  # (E, in, out)
+            xe = mx.expand_dims(x, (-2, -3))  # (N, 1, 1, dim)
+            h = mx.gather_mm(xe, w1, rhs_indices=chosen)  # (N, k, 1, hidden)
+            h = nn.silu(h) * mx.gather_mm(xe, w3, rhs_indices=chosen)
+            out = mx.gather_mm(h, w2, rhs_indices=chosen)[:, :, 0]  # (N, k, dim)
+            return (out * weights[..., None]).sum(1).reshape(shape)
         out = mx.zeros_like(x)
         chosen_np = np.array(chosen)  # routing is data-dependent: one host sync per MoE layer
         for e, expert in enumerate(self.experts):

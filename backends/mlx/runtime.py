@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.mlx.cache import RotatingCache, Step
-from backends.mlx.model import Transformer
+from backends.mlx.model import MoeLayer, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
@@ -172,7 +172,42 @@ def build(
     model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
     model.load_weights([(k, to_mlx(t).astype(dt)) for k, t in tensors.items()], strict=True)
     mx.eval(model.parameters())
+    if gathers(dev, dt):
+        stack_experts(model)
     return MlxRunner(args, model, dev, dt)
+
+
+def gathers(device: mx.Device, dtype: mx.Dtype) -> bool:
+    """Whether mx.gather_mm runs here in this dtype (MLX 0.32's CPU kernel is float32 only)."""
+    try:
+        with mx.stream(device):
+            w = mx.ones((2, 4, 4), dtype=dtype)
+            mx.eval(
+                mx.gather_mm(mx.ones((1, 1, 1, 4), dtype=dtype), w, rhs_indices=mx.array([[1]]))
+            )
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def stack_experts(model: Transformer) -> None:
+    """Gives every MoE layer its experts' weights stacked, (E, out, in), for mx.gather_mm.
+
+    Each expert's own weight becomes a lazy slice of the stack that inference never evaluates,
+    so the checkpoint's names stay and the experts are held once, not twice."""
+    for block in model.layers:
+        moe = block.feed_forward
+        if not isinstance(moe, MoeLayer):
+            continue
+        stacked = []
+        for name in ("w1", "w2", "w3"):
+            w = mx.stack([getattr(e, name).weight for e in moe.experts])
+            mx.eval(w)
+            for i, e in enumerate(moe.experts):
+                getattr(e, name).weight = w[i]
+            stacked.append(w)
+        # A plain attribute, not a parameter: Module.__setattr__ would register a tuple of arrays.
+        object.__setattr__(moe, "stacked", tuple(stacked))
 
 
 def read_pth(path: str) -> dict[str, RawTensor]:

@@ -81,6 +81,8 @@ class MoeLayer(nn.Module):
         self.num_experts_per_tok = args.moe.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
         self.experts = nn.ModuleList([FeedForward(args) for _ in range(args.moe.num_experts)])
+        # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
+        self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, step: Step | None = None, layer: int = 0) -> torch.Tensor:
         shape = x.shape
@@ -91,12 +93,18 @@ class MoeLayer(nn.Module):
             step.tap(layer, "router_logits", logits)
             step.tap(layer, "experts", chosen)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(x)
+        if self.stacked is not None and len(x) * len(chosen[0]) <= len(self.experts):
+            # Only the chosen experts' weights are read, with no host sync (here: decode steps).
+            w1, w2, w3 = (w[chosen] for w in self.stacked)  # (N, k, out, in)
+            h = F.silu(torch.einsum("nd,nkhd->nkh", x, w1)) * torch.einsum("nd,nkhd->nkh", x, w3)
+            out = torch.einsum("nkh,nkdh->nkd", h, w2)  # (N, k, dim)
+            return (out * weights[..., None]).sum(1).reshape(shape)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             tok, slot = torch.where(chosen == e)  # the tokens that chose expert e
             if len(tok):
                 out.index_add_(0, tok, weights[tok, slot, None] * expert(x[tok]))
-        return out.view(shape)
+        return out.reshape(shape)
 
 
 class TransformerBlock(nn.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from backends.torch.cache import RotatingCache, Step
-from backends.torch.model import Transformer
+from backends.torch.model import MoeLayer, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
@@ -206,7 +206,25 @@ def build(
     state = {k: to_torch(t).to(dev, dt) for k, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
+    if compile:  # the compiled decode step gathers experts instead of looping with host syncs
+        stack_experts(model)
     return TorchRunner(args, model, dev, dt, compile)
+
+
+def stack_experts(model: Transformer) -> None:
+    """Gives every MoE layer its experts' weights stacked, (E, out, in); each expert's own
+    parameter becomes a view of the stack, so the names stay and the memory is not doubled."""
+    for block in model.layers:
+        moe = block.feed_forward
+        if not isinstance(moe, MoeLayer):
+            continue
+        stacked = []
+        for name in ("w1", "w2", "w3"):
+            w = torch.stack([getattr(e, name).weight for e in moe.experts])
+            for i, e in enumerate(moe.experts):
+                getattr(e, name).weight = torch.nn.Parameter(w[i], requires_grad=False)
+            stacked.append(w)
+        moe.stacked = tuple(stacked)
 
 
 def read_pth(path: str) -> dict[str, RawTensor]:
