@@ -38,7 +38,7 @@ class Runner(Protocol):
 
 
 def runtime(backend: str) -> Any:
-    """The backend's runtime module (``build``, ``read_pth``); imports its framework now."""
+    """The backend's runtime module (``build``; torch's has ``read_pth``); imports its framework."""
     if backend not in BACKENDS:
         raise MistralError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
     try:

@@ -57,6 +57,11 @@ class StepPlan:
     key_positions: np.ndarray  # (B, K) int64, absolute position of every key, -1 if empty
     lengths: np.ndarray  # (B,) int64, tokens seen per row before this step (RoPE offsets)
 
+    @property
+    def last_index(self) -> np.ndarray:
+        """(B,) int64, the index of each row's last new token (0 for a row fed nothing)."""
+        return np.maximum(self.valid.sum(1) - 1, 0)
+
 
 def visibility(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
     """The one rule: (B, T) query positions, (B, K) key positions (-1 = empty) -> (B, T, K) bool."""

@@ -8,6 +8,8 @@ after the block. Around them: the embeddings, the final norm and the logits. One
 
 from __future__ import annotations
 
+import numpy as np
+
 from mistral.args import ModelArgs
 
 LAYER_TAPS = (
@@ -30,6 +32,23 @@ def tap_names(args: ModelArgs) -> list[str]:
     for i in range(args.n_layers):
         names += [f"layers.{i}.{t}" for t in LAYER_TAPS if args.moe or t not in MOE_ONLY]
     return [*names, "norm", "logits"]
+
+
+def as_row(name: str, a: np.ndarray, length: int) -> np.ndarray:
+    """A backend's raw tap of one row as the tap's (T, ...) layout: q/k come as (1, H, T, D), MoE
+    taps as (T, E|k) over the flattened row, the rest as (1, T, ...); chosen experts get sorted."""
+    if kind(name) in ("q", "k"):
+        return a[0].swapaxes(0, 1)  # (H, T, D) -> (T, H, D)
+    if kind(name) == "experts":
+        return np.sort(a.reshape(length, -1), axis=-1)
+    if kind(name) == "router_logits":
+        return a.reshape(length, -1)
+    return a[0]
+
+
+def chosen_experts(router_logits: np.ndarray, k: int) -> np.ndarray:
+    """(T, E) router logits -> (T, k) indices of the top-k experts, sorted (the "experts" tap)."""
+    return np.sort(np.argsort(-router_logits, axis=-1)[:, :k], axis=-1)
 
 
 def kind(name: str) -> str:

@@ -17,6 +17,7 @@ from mistral import hf
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
+from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
 
@@ -99,7 +100,7 @@ class MlxLmReference:
             if self.args.moe:
                 r = out[f"layers.{i}.router_logits"]
                 k = self.args.moe.num_experts_per_tok
-                out[f"layers.{i}.experts"] = np.sort(np.argsort(-r, axis=-1)[:, :k], axis=-1)
+                out[f"layers.{i}.experts"] = chosen_experts(r, k)
         return out
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:

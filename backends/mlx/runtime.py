@@ -15,7 +15,7 @@ from mistral.args import ModelArgs
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
-from mistral.taps import kind
+from mistral.taps import as_row
 from mistral.weights import RawTensor
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -96,7 +96,7 @@ class MlxRunner:
             x = mx.array(tokens.astype(np.int32))
             last = None
             if last_only:
-                last = mx.array(np.maximum(plan.valid.sum(1) - 1, 0).astype(np.int32))
+                last = mx.array(plan.last_index.astype(np.int32))
             out = self.model(x, cache, step, last)
             out = out[:, 0] if last_only else out
             # One evaluation per step: the logits and every layer's cache writes together.
@@ -117,17 +117,9 @@ class MlxRunner:
             step.taps = {}
             x = mx.array([tokens])
             step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))
-            out = {}
-            for name, t in step.taps.items():
-                if kind(name) in ("q", "k"):
-                    t = t.swapaxes(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-                if kind(name) == "experts":
-                    t = mx.sort(t, axis=-1)
-                if kind(name) in ("router_logits", "experts"):  # (N, E) -> (B, T, E)
-                    t = t.reshape(1, len(tokens), -1)
-                out[name] = t[0].astype(mx.float32)
-            mx.eval(out)
-        return {k: np.array(v) for k, v in out.items()}
+            taps = {name: t.astype(mx.float32) for name, t in step.taps.items()}
+            mx.eval(taps)
+        return {name: as_row(name, np.array(t), len(tokens)) for name, t in taps.items()}
 
 
 class DeviceMemory:
@@ -208,10 +200,3 @@ def stack_experts(model: Transformer) -> None:
             stacked.append(w)
         # A plain attribute, not a parameter: Module.__setattr__ would register a tuple of arrays.
         object.__setattr__(moe, "stacked", tuple(stacked))
-
-
-def read_pth(path: str) -> dict[str, RawTensor]:
-    """A .pth checkpoint is a torch pickle: reading it needs torch, whichever backend runs it."""
-    from mistral.backend import runtime
-
-    return runtime("torch").read_pth(path)

@@ -13,6 +13,7 @@ from mistral.args import ModelArgs
 from mistral.checkpoint import write_checkpoint
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
+from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
 
@@ -91,7 +92,7 @@ class HFReference:
             k = self.args.moe.num_experts_per_tok
             for i in range(self.args.n_layers):
                 r = out[f"layers.{i}.router_logits"]
-                out[f"layers.{i}.experts"] = np.sort(np.argsort(-r, axis=-1)[:, :k], axis=-1)
+                out[f"layers.{i}.experts"] = chosen_experts(r, k)
         out["logits"] = logits[0].float().cpu().numpy()
         return out
 

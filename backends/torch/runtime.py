@@ -15,7 +15,7 @@ from mistral.args import ModelArgs
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
-from mistral.taps import kind
+from mistral.taps import as_row
 from mistral.weights import RawTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,7 +122,7 @@ class TorchRunner:
         x = torch.from_numpy(tokens).to(self.torch_device)
         last = None
         if last_only:
-            last = torch.from_numpy(np.maximum(plan.valid.sum(1) - 1, 0)).to(self.torch_device)
+            last = torch.from_numpy(plan.last_index).to(self.torch_device)
         model = self.decode_model if plan.keys == "cache" else self.model
         out = model(x, cache, step, last)
         out = out[:, 0] if last_only else out
@@ -142,16 +142,10 @@ class TorchRunner:
         step.taps = {}
         x = torch.tensor([tokens], device=self.torch_device)
         step.tap(None, "logits", self.model(x, self.new_cache(1, size), step))
-        out = {}
-        for name, t in step.taps.items():
-            if kind(name) in ("q", "k"):
-                t = t.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-            if kind(name) == "experts":
-                t = t.sort(-1).values
-            if kind(name) in ("router_logits", "experts"):  # (N, E) -> (B, T, E)
-                t = t.reshape(1, len(tokens), -1)
-            out[name] = t[0].float().cpu().numpy()
-        return out
+        return {
+            name: as_row(name, t.float().cpu().numpy(), len(tokens))
+            for name, t in step.taps.items()
+        }
 
 
 class DeviceMemory:
