@@ -333,10 +333,13 @@ class Diff:
         ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
         if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
             raise MistralError(f"{ckpt_a.path} and {ckpt_b.path} have different shapes")
-        for key, value in ckpt_a.args.to_params().items():
-            other = ckpt_b.args.to_params().get(key)
-            if other != value:  # worth knowing: a likely cause of what follows
-                print(f"note: {key} is {value} in side a's folder, {other} in side b's")
+        params_a, params_b = ckpt_a.args.to_params(), ckpt_b.args.to_params()
+        for key in dict.fromkeys([*params_a, *params_b]):
+            if params_a.get(key) != params_b.get(key):  # a likely cause of what follows
+                print(
+                    f"note: {key} is {params_a.get(key)} in side a's folder, "
+                    f"{params_b.get(key)} in side b's"
+                )
         if self.tokens:
             try:
                 ids = [int(t) for t in self.tokens.replace(" ", "").split(",") if t]
