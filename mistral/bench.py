@@ -2,18 +2,22 @@
 
 Each measured run feeds ``batch`` random prompts of ``prompt_len`` tokens and decodes ``gen_len``
 tokens greedily. Prefill time is the time to the first token; decode tokens/s counts the remaining
-``gen_len - 1`` steps. Runs repeat after a warm-up and report the median and the spread (min, max).
+``gen_len - 1`` steps. Runs repeat after a warm-up and report the median and the spread (min, max);
+the implementations take turns within each round, so a machine whose speed drifts affects all alike.
 Peak memory is device memory on CUDA and Metal, resident memory of the process on CPUs (sampled).
 The decode bound is the bytes one step must read (weights, less the embedding table but one row and
-the experts not chosen, plus the KV cache in use) over the device's copy bandwidth.
+the experts not chosen, plus the KV cache in use) over the device's copy bandwidth: on GPUs a copy
+on the device, on CPUs a numpy copy split over every core (the median of one per round).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,30 +141,56 @@ def decode_bytes(
     return total + kv
 
 
-def measure(
-    name: str,
-    device: str,
-    dtype: str,
-    run: Callable[[], Timing],
+def measure_rounds(
+    runs: list[tuple[str, str, str, Callable[[], Timing]]],
     batch: int,
     prompt_len: int,
     gen_len: int,
     repeats: int,
     warmup: int,
+    bandwidth: Callable[[], float],
     progress: Callable[[str], None] | None = None,
-) -> Result:
-    result = Result(name, device, dtype)
-    for i in range(warmup + repeats):
-        t = run()
+) -> tuple[list[Result], list[float]]:
+    """Warms every implementation up, then runs them in turn, one round per repeat, with a copy
+    bandwidth measured each round: a machine that slows down mid-bench slows all of them alike."""
+    results = [Result(name, device, dtype) for name, device, dtype, _ in runs]
+    for name, _, _, run in runs:
+        for i in range(warmup):
+            run()
+            if progress:
+                progress(f"{name}: warm-up {i + 1}/{warmup}")
+    bandwidths = []
+    for i in range(repeats):
+        for result, (_, _, _, run) in zip(results, runs, strict=True):
+            t = run()
+            result.ttft_s.append(t.prefill_s)
+            result.prefill_tok_s.append(batch * prompt_len / t.prefill_s)
+            result.decode_tok_s.append(batch * (gen_len - 1) / max(t.decode_s, 1e-12))
+            result.peak_bytes.append(t.peak_bytes)
+        bandwidths.append(bandwidth())
         if progress:
-            progress(f"{name}: {'warm-up' if i < warmup else 'run'} {i + 1}/{warmup + repeats}")
-        if i < warmup:
-            continue
-        result.ttft_s.append(t.prefill_s)
-        result.prefill_tok_s.append(batch * prompt_len / t.prefill_s)
-        result.decode_tok_s.append(batch * (gen_len - 1) / max(t.decode_s, 1e-12))
-        result.peak_bytes.append(t.peak_bytes)
-    return result
+            progress(f"round {i + 1}/{repeats}")
+    return results, bandwidths
+
+
+def cpu_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Bytes/s of a large copy (it reads and writes every byte) split over one thread per core,
+    best of 5: the machine's figure, the same whichever framework is measured against it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, len(src), (cores or 1) + 1).astype(int)
+
+    def part(i: int) -> None:  # numpy lets go of the GIL while it copies
+        np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
+
+    best = float("inf")
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        for _ in range(6):
+            start = time.perf_counter()
+            list(pool.map(part, range(len(bounds) - 1)))
+            best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
 
 
 def our_run(
@@ -225,23 +255,12 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     for ref in s.compare:
         _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
         runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
-    results = []
-    for name, device, dtype, run in runs:
-        results.append(
-            measure(
-                name,
-                device,
-                dtype,
-                run,
-                s.batch,
-                s.prompt_len,
-                s.gen_len,
-                s.repeats,
-                s.warmup,
-                progress,
-            )
-        )
-    bandwidth = model.runner.copy_bandwidth()
+    # On a CPU the bound is the machine's (a numpy copy on every core), not a framework's copy.
+    bandwidth = cpu_copy_bandwidth if model.device == "cpu" else model.runner.copy_bandwidth
+    results, bandwidths = measure_rounds(
+        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, s.warmup, bandwidth, progress
+    )
+    bandwidth = float(statistics.median(bandwidths))
     context = s.prompt_len + s.gen_len // 2  # keys read by the average decode step
     dtype_bytes = 4 if model.dtype == "float32" else 2
     step_bytes = decode_bytes(s.args, s.tensors, dtype_bytes, context, s.batch)

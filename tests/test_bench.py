@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from mistral.bench import BenchSetup, decode_bytes, format_report, run_bench
+from mistral.bench import (
+    BenchSetup,
+    Timing,
+    cpu_copy_bandwidth,
+    decode_bytes,
+    format_report,
+    measure_rounds,
+    run_bench,
+)
 from mistral.weights import random_weights
 from tests.helpers import tiny
 
@@ -28,7 +36,8 @@ def test_bench_reports_positive_finite_numbers_and_ratios(backend, compare):
     )
     seen = []
     report = run_bench(setup, progress=seen.append)
-    assert len(seen) == 3 * (1 + len(compare))
+    names = [f"ours ({backend})", *compare]
+    assert seen == [f"{n}: warm-up 1/1" for n in names] + ["round 1/2", "round 2/2"]
     assert [r["name"] for r in report["results"]] == [f"ours ({backend})", *compare]
     for r in report["results"]:
         for key in ("prefill_tok_s", "ttft_s", "decode_tok_s", "peak_bytes"):
@@ -58,3 +67,32 @@ def test_decode_bytes_count_weights_in_use_and_the_cache():
     assert one == rest + experts // 2 + args.dim * 4 + kv
     # Past the window the cache read stops growing.
     assert decode_bytes(args, weights, 4, 1000, 1) == decode_bytes(args, weights, 4, 16, 1)
+
+
+def test_implementations_take_turns_each_round():
+    """Warm-ups first, then one run of each per round with a bandwidth reading per round, so a
+    machine that slows down partway slows every implementation, not the last one measured."""
+    calls = []
+
+    def run_of(name):
+        def run():
+            calls.append(name)
+            return Timing(prefill_s=0.5, decode_s=0.25, peak_bytes=1)
+
+        return run
+
+    runs = [(n, "cpu", "float32", run_of(n)) for n in ("a", "b")]
+    readings = iter([1.0, 3.0, 2.0])
+    results, bandwidths = measure_rounds(
+        runs, 2, 8, 5, repeats=3, warmup=2, bandwidth=lambda: next(readings)
+    )
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert bandwidths == [1.0, 3.0, 2.0]
+    assert [r.name for r in results] == ["a", "b"]
+    assert results[0].prefill_tok_s == [2 * 8 / 0.5] * 3
+    assert results[1].decode_tok_s == [2 * 4 / 0.25] * 3
+
+
+def test_cpu_bandwidth_is_the_machines():
+    bandwidth = cpu_copy_bandwidth(8 * 2**20)
+    assert math.isfinite(bandwidth) and bandwidth > 1e8  # any machine moves 100 MB/s

@@ -166,3 +166,50 @@ def test_moe_gathers_the_chosen_experts_without_a_host_sync_or_a_second_copy():
     for moe in moes:
         object.__setattr__(moe, "stacked", None)  # back to the per-expert loop
     assert max_diff(gathered, model.logits(rows, chunk_size=7)) <= 1e-5
+
+
+def test_cpu_products_use_every_core_and_give_the_same_bits():
+    """On Linux MLX's CPU products run on one thread; the Linear layers cut them across one
+    stream per core (SplitRows), which must not change a single bit of the result."""
+    import os
+    import platform
+
+    import mlx.core as mx
+
+    from backends.mlx.model import Linear
+    from backends.mlx.runtime import SplitRows, linear_kernel
+
+    assert linear_kernel(mx.gpu) is None
+    kernel = linear_kernel(mx.cpu)
+    cores = len(os.sched_getaffinity(0))
+    if platform.system() == "Darwin" or cores < 2:
+        assert kernel is None
+        kernel = SplitRows([mx.new_stream(mx.cpu) for _ in range(2)])
+    else:
+        assert isinstance(kernel, SplitRows) and len(kernel.streams) == cores
+    for rows, x_shape, dtype in [
+        (1537, (1, 1, 512), mx.float32),  # rows that do not divide evenly
+        (96, (2, 37, 64), mx.float32),  # a prefill
+        (96, (3, 64), mx.bfloat16),
+        (1, (1, 1, 64), mx.float32),  # fewer rows than streams
+    ]:
+        w = mx.random.normal((rows, x_shape[-1]), key=mx.random.key(rows)).astype(dtype)
+        x = mx.random.normal(x_shape, key=mx.random.key(7)).astype(dtype)
+        assert kernel(x, w).shape == (*x_shape[:-1], rows)
+        assert mx.array_equal(kernel(x, w), x @ w.T).item()
+
+    args = tiny("tiny-dense")
+    model = mistral.from_tensors(args, random_weights(args, seed=4), backend="mlx", device="cpu")
+    linears = [m for m in model.runner.model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * args.n_layers + 1
+    assert all(m.kernel is linear_kernel_of(model) for m in linears)
+    rows = random_rows([20, 5], args.vocab_size, 2)
+    split = model.logits(rows)
+    for m in linears:
+        m.kernel = None
+    for a, b in zip(split, model.logits(rows), strict=True):
+        assert np.array_equal(a, b)
+
+
+def linear_kernel_of(model):
+    return model.runner.model.output.kernel

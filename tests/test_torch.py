@@ -189,6 +189,39 @@ def test_compiled_decode_step_gives_the_same_logits(config):
     assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
 
 
+def test_cpu_float32_products_go_to_onednn():
+    """On x86 CPUs float32 F.linear runs on MKL, which is slow on AMD processors; the Linear layers
+    use oneDNN's inner product there. Other dtypes and devices keep F.linear."""
+    import platform
+
+    import torch
+    import torch.nn.functional as F
+
+    from backends.torch.model import Linear
+    from backends.torch.runtime import linear_kernel, onednn_linear
+
+    cpu = torch.device("cpu")
+    assert linear_kernel(cpu, torch.bfloat16) is None
+    assert linear_kernel(torch.device("meta"), torch.float32) is None
+    kernel = linear_kernel(cpu, torch.float32)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert kernel is None
+        return
+    assert kernel is onednn_linear
+    for x_shape, rows in [((1, 1, 512), 1537), ((2, 37, 64), 96), ((3, 64), 5)]:
+        x, w = torch.randn(x_shape), torch.randn(rows, x_shape[-1])
+        # The same products summed in another order: float32 rounding apart, relative to the
+        # scale of the outputs (a single output near zero has no relative precision to keep).
+        ref = F.linear(x, w)
+        assert kernel(x, w).shape == ref.shape
+        assert (kernel(x, w) - ref).abs().max() <= 1e-6 * ref.abs().max()
+    args = tiny("tiny-dense")
+    model = mistral.from_tensors(args, random_weights(args, seed=4), device="cpu")
+    linears = [m for m in model.runner.model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * args.n_layers + 1
+    assert all(m.kernel is onednn_linear for m in linears)
+
+
 def test_bad_generation_options_are_named(small):
     with pytest.raises(MistralError, match="chunk_size must be positive"):
         small.logits([[1, 2, 3]], chunk_size=0)

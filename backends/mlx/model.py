@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -21,6 +23,18 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose product x @ weight.T the runtime may give to a faster kernel
+    for the device (`kernel`, see runtime.linear_kernel); None keeps the framework's own."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__(dim_in, dim_out, bias=False)
+        self.kernel: Callable | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x) if self.kernel is None else self.kernel(x, self.weight)
+
+
 def rope(x: mx.array, step: Step) -> mx.array:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
     D = x.shape[-1]
@@ -36,10 +50,10 @@ class Attention(nn.Module):
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def __call__(
         self,
@@ -68,9 +82,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim)
+        self.w2 = Linear(args.hidden_dim, args.dim)
+        self.w3 = Linear(args.dim, args.hidden_dim)
 
     def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
         return self.w2(nn.silu(self.w1(x)) * self.w3(x))
@@ -81,7 +95,7 @@ class MoeLayer(nn.Module):
         super().__init__()
         assert args.moe is not None
         self.num_experts_per_tok = args.moe.num_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.gate = Linear(args.dim, args.moe.num_experts)
         self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
         # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
         self.stacked: tuple[mx.array, mx.array, mx.array] | None = None
@@ -151,7 +165,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
 
     def __call__(
         self,
