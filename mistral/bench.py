@@ -4,7 +4,9 @@ Each measured run feeds ``batch`` random prompts of ``prompt_len`` tokens and de
 tokens greedily. Prefill time is the time to the first token; decode tokens/s counts the remaining
 ``gen_len - 1`` steps. Runs repeat after a warm-up and report the median and the spread (min, max);
 the implementations take turns within each round, so a machine whose speed drifts affects all alike.
-Peak memory is device memory on CUDA and Metal, resident memory of the process on CPUs (sampled).
+Memory is what an implementation adds to the process, measured in its warm-up run before the next
+one is built: the peak of device memory (CUDA, Metal) or of resident memory (CPUs) during the run,
+less what the process held before the implementation was built: its weights, cache and activations.
 The decode bound is the bytes one step must read (weights, less the embedding table but one row and
 the experts not chosen, plus the KV cache in use) over the device's copy bandwidth: on GPUs a copy
 on the device, on CPUs a numpy copy split over every core (the median of one per round).
@@ -12,6 +14,9 @@ on the device, on CPUs a numpy copy split over every core (the median of one per
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import statistics
 import threading
@@ -92,8 +97,9 @@ class ResidentMemory:
         except OSError:
             return False
 
-    def current(self) -> int:
-        rss = self._status("VmRSS")
+    @staticmethod
+    def current() -> int:
+        rss = ResidentMemory._status("VmRSS")
         if rss is not None:
             return rss
         import resource  # no /proc (macOS): the lifetime maximum is all there is
@@ -141,24 +147,46 @@ def decode_bytes(
     return total + kv
 
 
+def held_now(probe) -> int:
+    """What the process holds now: device memory, or on a CPU resident memory once the heap has
+    given freed pages back (so one implementation's garbage is not the next one's baseline)."""
+    if probe.on_device:
+        return probe.current()
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):  # glibc; elsewhere nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+    return ResidentMemory.current()
+
+
+def warm_up(
+    name: str,
+    run: Callable[[], Timing],
+    warmup: int,
+    held_before: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[int]:
+    """The warm-up runs of an implementation just built, and the memory each needed beyond what
+    the process held before the implementation was built: its weights, cache and activations."""
+    added = []
+    for i in range(warmup):
+        added.append(max(run().peak_bytes - held_before, 0))
+        if progress:
+            progress(f"{name}: warm-up {i + 1}/{warmup}")
+    return added
+
+
 def measure_rounds(
     runs: list[tuple[str, str, str, Callable[[], Timing]]],
     batch: int,
     prompt_len: int,
     gen_len: int,
     repeats: int,
-    warmup: int,
     bandwidth: Callable[[], float],
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Result], list[float]]:
-    """Warms every implementation up, then runs them in turn, one round per repeat, with a copy
-    bandwidth measured each round: a machine that slows down mid-bench slows all of them alike."""
+    """Runs the (warm) implementations in turn, one round per repeat, with a copy bandwidth
+    measured each round: a machine that slows down mid-bench slows all of them alike."""
     results = [Result(name, device, dtype) for name, device, dtype, _ in runs]
-    for name, _, _, run in runs:
-        for i in range(warmup):
-            run()
-            if progress:
-                progress(f"{name}: warm-up {i + 1}/{warmup}")
     bandwidths = []
     for i in range(repeats):
         for result, (_, _, _, run) in zip(results, runs, strict=True):
@@ -166,7 +194,6 @@ def measure_rounds(
             result.ttft_s.append(t.prefill_s)
             result.prefill_tok_s.append(batch * prompt_len / t.prefill_s)
             result.decode_tok_s.append(batch * (gen_len - 1) / max(t.decode_s, 1e-12))
-            result.peak_bytes.append(t.peak_bytes)
         bandwidths.append(bandwidth())
         if progress:
             progress(f"round {i + 1}/{repeats}")
@@ -237,11 +264,17 @@ class BenchSetup:
 
 def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:
     """Measures our backend, then each reference asked for, on the same weights and prompts."""
+    from mistral.backend import runtime
     from mistral.checkpoint import Checkpoint
-    from mistral.diff import load_side
+    from mistral.diff import REFERENCES, load_side
     from mistral.model import from_tensors
 
     prompts = random_prompts(s.batch, s.prompt_len, s.args.vocab_size)
+    ckpt = Checkpoint(Path(s.source), "memory", s.args, s.tensors)
+    # Each implementation is built, then warmed up (and its memory measured) before the next is
+    # built, so that what it adds to the process is its own.
+    probe = runtime(s.backend).memory_probe(s.device)
+    before = held_now(probe)
     model = from_tensors(s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
     runs = [
         (
@@ -251,15 +284,20 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
             our_run(model, prompts, s.gen_len, s.chunk_size),
         )
     ]
-    ckpt = Checkpoint(Path(s.source), "memory", s.args, s.tensors)
+    memory = [warm_up(runs[0][0], runs[0][3], s.warmup, before, progress)]
     for ref in s.compare:
+        probe = runtime(REFERENCES[ref][0]).memory_probe(s.device)
+        before = held_now(probe)
         _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
         runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
+        memory.append(warm_up(ref, runs[-1][3], s.warmup, before, progress))
     # On a CPU the bound is the machine's (a numpy copy on every core), not a framework's copy.
     bandwidth = cpu_copy_bandwidth if model.device == "cpu" else model.runner.copy_bandwidth
     results, bandwidths = measure_rounds(
-        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, s.warmup, bandwidth, progress
+        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, bandwidth, progress
     )
+    for result, added in zip(results, memory, strict=True):
+        result.peak_bytes = added
     bandwidth = float(statistics.median(bandwidths))
     context = s.prompt_len + s.gen_len // 2  # keys read by the average decode step
     dtype_bytes = 4 if model.dtype == "float32" else 2
@@ -319,6 +357,9 @@ def format_report(report: dict) -> str:
         lines.append(
             f"ours / {name}: decode x{ratio['decode']:.2f}, prefill x{ratio['prefill']:.2f}"
         )
+    lines.append(
+        "peak MiB: what each adds to the process at its peak (weights, cache, activations)"
+    )
     bw = report["bandwidth_bytes_s"] / 1e9
     step = report["decode_bytes_per_step"] / 2**20
     lines.append(

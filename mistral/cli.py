@@ -396,7 +396,8 @@ class Bench:
     repeats: int = 5
     """Measured runs; the report gives their median and spread."""
     warmup: int = 1
-    """Runs before measuring (allocations, kernel selection)."""
+    """Runs before measuring (allocations, kernel selection, compilation); memory is measured in
+    them, each implementation's before the next is built."""
     compare: str = ""
     """Comma-separated references to run on the same weights: hf, mlx-lm."""
     compile: bool = False
@@ -433,6 +434,7 @@ class Bench:
             ("gen-len", self.gen_len),
             ("batch", self.batch),
             ("repeats", self.repeats),
+            ("warmup", self.warmup),
         ):
             if value < 1 or (name == "gen-len" and value < 2):
                 raise MistralError(f"--{name} must be at least {2 if name == 'gen-len' else 1}")

@@ -136,6 +136,14 @@ class DeviceMemory:
     def peak(self) -> int:
         return int(mx.get_peak_memory()) if self.on_device else 0
 
+    def current(self) -> int:
+        return int(mx.get_active_memory()) if self.on_device else 0
+
+
+def memory_probe(device: str | None) -> DeviceMemory:
+    """The probe for a device before any model is built there (to read what is held already)."""
+    return DeviceMemory(resolve_device(device))
+
 
 def copy_bandwidth(device: mx.Device, nbytes: int = 256 * 2**20) -> float:
     """Bytes/s of a large elementwise pass (it reads and writes every byte), best of 5."""

@@ -164,6 +164,14 @@ class DeviceMemory:
     def peak(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.on_device else 0
 
+    def current(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device)) if self.on_device else 0
+
+
+def memory_probe(device: str | None) -> DeviceMemory:
+    """The probe for a device before any model is built there (to read what is held already)."""
+    return DeviceMemory(resolve_device(device))
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
