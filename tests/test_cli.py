@@ -174,5 +174,6 @@ def test_bad_input_gets_one_line(tmp_path):
     (broken / "consolidated.safetensors").write_bytes(data[:1000])
     assert_one_line_error(run("info", str(broken)), "truncated")
     assert_one_line_error(run("bench", "--config", "nope"), "no config")
+    assert_one_line_error(run("bench", "--warmup", "0"), "--warmup must be at least 1")
     assert_one_line_error(run("generate", "--backend", "jax"), "invalid choice: 'jax'")
     assert_one_line_error(run("generate", "--max-tokens", "many"), "invalid int value")
