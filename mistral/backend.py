@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -14,6 +15,19 @@ from mistral.errors import MistralError
 from mistral.weights import RawTensor, check_tensors
 
 BACKENDS = {"torch": "torch", "mlx": "mlx"}  # backend name -> the package it needs
+
+
+class MemoryProbe(Protocol):
+    """A device's memory counters: peak since reset and bytes held now; on_device is False where
+    the process's resident memory stands in (CPUs, MPS)."""
+
+    on_device: bool
+
+    def reset(self) -> None: ...
+
+    def peak(self) -> int: ...
+
+    def current(self) -> int: ...
 
 
 class Runner(Protocol):
@@ -32,9 +46,16 @@ class Runner(Protocol):
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]: ...
 
-    def memory_probe(self) -> Any: ...
+    def memory_probe(self) -> MemoryProbe: ...
 
     def copy_bandwidth(self) -> float: ...
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def runtime(backend: str) -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import os
 import statistics
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral.args import ModelArgs
+from mistral.backend import MemoryProbe, cpu_cores
 from mistral.weights import RawTensor
 
 
@@ -147,7 +147,7 @@ def decode_bytes(
     return total + kv
 
 
-def held_now(probe) -> int:
+def held_now(probe: MemoryProbe) -> int:
     """What the process holds now: device memory, or on a CPU resident memory once the heap has
     given freed pages back (so one implementation's garbage is not the next one's baseline)."""
     if probe.on_device:
@@ -203,10 +203,9 @@ def measure_rounds(
 def cpu_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     """Bytes/s of a large copy (it reads and writes every byte) split over one thread per core,
     best of 5: the machine's figure, the same whichever framework is measured against it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
-    bounds = np.linspace(0, len(src), (cores or 1) + 1).astype(int)
+    bounds = np.linspace(0, len(src), cpu_cores() + 1).astype(int)
 
     def part(i: int) -> None:  # numpy lets go of the GIL while it copies
         np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])

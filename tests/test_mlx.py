@@ -171,17 +171,17 @@ def test_moe_gathers_the_chosen_experts_without_a_host_sync_or_a_second_copy():
 def test_cpu_products_use_every_core_and_give_the_same_bits():
     """On Linux MLX's CPU products run on one thread; the Linear layers cut them across one
     stream per core (SplitRows), which must not change a single bit of the result."""
-    import os
     import platform
 
     import mlx.core as mx
 
     from backends.mlx.model import Linear
     from backends.mlx.runtime import SplitRows, cpu_streams
+    from mistral.backend import cpu_cores
 
     assert cpu_streams(mx.gpu) == []
     streams = cpu_streams(mx.cpu)
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_cores()
     if platform.system() == "Darwin" or cores < 2:
         assert streams == []
         streams = [mx.new_stream(mx.cpu) for _ in range(2)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Mapping
@@ -13,6 +12,7 @@ import numpy as np
 from backends.mlx.cache import RotatingCache, Step
 from backends.mlx.model import Linear, MoeLayer, Transformer
 from mistral.args import ModelArgs
+from mistral.backend import cpu_cores
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
@@ -214,10 +214,8 @@ def cpu_streams(device: mx.Device) -> list[mx.Stream]:
     which spreads them itself, and the GPU needs no help: both keep nn.Linear."""
     if device != mx.cpu or platform.system() == "Darwin":
         return []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not cores or cores < 2:
-        return []
-    return [mx.new_stream(mx.cpu) for _ in range(cores)]
+    cores = cpu_cores()
+    return [mx.new_stream(mx.cpu) for _ in range(cores)] if cores > 1 else []
 
 
 def gathers(device: mx.Device, dtype: mx.Dtype) -> bool:

@@ -24,8 +24,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear whose product x @ weight.T the runtime may give to a faster kernel
-    for the device (`kernel`, see runtime.linear_kernel); None keeps the framework's own."""
+    """A bias-free nn.Linear whose product x @ weight.T the runtime's build may give to a faster
+    kernel for the device (`kernel`, a callable (x, weight)); None keeps the framework's own."""
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__(dim_in, dim_out, bias=False)
