@@ -168,25 +168,26 @@ def test_moe_gathers_the_chosen_experts_without_a_host_sync_or_a_second_copy():
     assert max_diff(gathered, model.logits(rows, chunk_size=7)) <= 1e-5
 
 
-def test_cpu_products_use_every_core_and_give_the_same_bits():
-    """On Linux MLX's CPU products run on one thread; the Linear layers cut them across one
-    stream per core (SplitRows), which must not change a single bit of the result."""
+def test_cpu_products_use_every_core_and_give_the_same_bits(monkeypatch):
+    """On Linux MLX's CPU products run on one thread; once the weights outgrow the last-level
+    cache the Linear layers cut them across one stream per core (SplitRows), which must not change
+    a single bit of the result."""
     import platform
 
     import mlx.core as mx
 
+    import backends.mlx.runtime as runtime
     from backends.mlx.model import Linear
-    from backends.mlx.runtime import SplitRows, cpu_streams
-    from mistral.backend import cpu_cores
+    from backends.mlx.runtime import SplitRows
+    from mistral.backend import cpu_cache_bytes, cpu_cores
 
-    assert cpu_streams(mx.gpu) == []
-    streams = cpu_streams(mx.cpu)
-    cores = cpu_cores()
-    if platform.system() == "Darwin" or cores < 2:
-        assert streams == []
-        streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    else:
-        assert len(streams) == cores
+    big = cpu_cache_bytes() + 1
+    assert runtime.cpu_streams(mx.gpu, big) == []
+    assert runtime.cpu_streams(mx.cpu, big - 1) == []  # read from the cache
+    streams = runtime.cpu_streams(mx.cpu, big)
+    splits = platform.system() != "Darwin" and cpu_cores() > 1
+    assert len(streams) == (cpu_cores() if splits else 0)
+    streams = streams or [mx.new_stream(mx.cpu) for _ in range(2)]
     for rows, x_shape, dtype in [
         (1537, (1, 1, 512), mx.float32),  # rows that do not divide evenly
         (96, (2, 37, 64), mx.float32),  # a prefill
@@ -207,14 +208,21 @@ def test_cpu_products_use_every_core_and_give_the_same_bits():
         assert mx.array_equal(kernel(x, 2 * w), x @ (2 * w).T).item()  # not its weight
 
     args = tiny("tiny-dense")
-    model = mistral.from_tensors(args, random_weights(args, seed=4), backend="mlx", device="cpu")
-    linears = [m for m in model.runner.model.modules() if isinstance(m, Linear)]
-    assert len(linears) == 7 * args.n_layers + 1
-    if cpu_streams(mx.cpu):
-        assert all(isinstance(m.kernel, SplitRows) and m.kernel.weight is m.weight for m in linears)
+    weights = random_weights(args, seed=4)
+
+    def linears(model):
+        return [m for m in model.runner.model.modules() if isinstance(m, Linear)]
+
+    small = linears(mistral.from_tensors(args, weights, backend="mlx", device="cpu"))
+    assert len(small) == 7 * args.n_layers + 1 and all(m.kernel is None for m in small)
+    monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
+    model = mistral.from_tensors(args, weights, backend="mlx", device="cpu")
+    split = linears(model)
+    if splits:
+        assert all(isinstance(m.kernel, SplitRows) and m.kernel.weight is m.weight for m in split)
     rows = random_rows([20, 5], args.vocab_size, 2)
-    split = model.logits(rows)
-    for m in linears:
+    expected = model.logits(rows)
+    for m in split:
         m.kernel = None
-    for a, b in zip(split, model.logits(rows), strict=True):
+    for a, b in zip(expected, model.logits(rows), strict=True):
         assert np.array_equal(a, b)

@@ -171,10 +171,15 @@ def test_bad_devices_are_refused(device, message):
         mistral.from_tensors(args, random_weights(args), device=device)
 
 
-@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
-def test_compiled_decode_step_gives_the_same_logits(config):
+@pytest.mark.parametrize("config, outgrown", [("tiny-window", False), ("tiny-moe", True)])
+def test_compiled_decode_step_gives_the_same_logits(monkeypatch, config, outgrown):
     """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA); MoE
-    layers then gather their chosen experts instead of looping with host syncs."""
+    layers then gather their chosen experts instead of looping with host syncs. With weights
+    taken as larger than the CPU cache, the products are the oneDNN op (on x86), compiled too."""
+    import backends.torch.runtime as runtime
+
+    if outgrown:
+        monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)
     args = tiny(config)
     weights = random_weights(args, seed=12)
     eager = mistral.from_tensors(args, weights, device="cpu")
@@ -189,25 +194,28 @@ def test_compiled_decode_step_gives_the_same_logits(config):
     assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
 
 
-def test_cpu_float32_products_go_to_onednn():
+def test_cpu_float32_products_go_to_onednn(monkeypatch):
     """On x86 CPUs float32 F.linear runs on MKL, which is slow on AMD processors; the Linear layers
-    use oneDNN's inner product there. Other dtypes and devices keep F.linear."""
+    use oneDNN's inner product there once the weights outgrow the last-level cache (in the cache
+    MKL's cheaper calls win). Other dtypes and devices keep F.linear."""
     import platform
 
     import torch
     import torch.nn.functional as F
 
+    import backends.torch.runtime as runtime
     from backends.torch.model import Linear
-    from backends.torch.runtime import linear_kernel, onednn_linear
+    from mistral.backend import cpu_cache_bytes
 
-    cpu = torch.device("cpu")
-    assert linear_kernel(cpu, torch.bfloat16) is None
-    assert linear_kernel(torch.device("meta"), torch.float32) is None
-    kernel = linear_kernel(cpu, torch.float32)
+    cpu, big = torch.device("cpu"), cpu_cache_bytes() + 1
+    assert runtime.linear_kernel(cpu, torch.bfloat16, big) is None
+    assert runtime.linear_kernel(torch.device("meta"), torch.float32, big) is None
+    assert runtime.linear_kernel(cpu, torch.float32, big - 1) is None  # read from the cache
+    kernel = runtime.linear_kernel(cpu, torch.float32, big)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         assert kernel is None
         return
-    assert kernel is onednn_linear()
+    assert kernel is runtime.onednn_linear()
     for x_shape, rows in [((1, 1, 512), 1537), ((2, 37, 64), 96), ((3, 64), 5)]:
         x, w = torch.randn(x_shape), torch.randn(rows, x_shape[-1])
         # The same products summed in another order: float32 rounding apart, relative to the
@@ -215,11 +223,20 @@ def test_cpu_float32_products_go_to_onednn():
         ref = F.linear(x, w)
         assert kernel(x, w).shape == ref.shape
         assert (kernel(x, w) - ref).abs().max() <= 1e-6 * ref.abs().max()
+
     args = tiny("tiny-dense")
-    model = mistral.from_tensors(args, random_weights(args, seed=4), device="cpu")
-    linears = [m for m in model.runner.model.modules() if isinstance(m, Linear)]
-    assert len(linears) == 7 * args.n_layers + 1
-    assert all(m.kernel is onednn_linear() for m in linears)
+    weights = random_weights(args, seed=4)
+
+    def linears(model):
+        return [m for m in model.runner.model.modules() if isinstance(m, Linear)]
+
+    small = linears(mistral.from_tensors(args, weights, device="cpu"))
+    assert len(small) == 7 * args.n_layers + 1 and all(m.kernel is None for m in small)
+    monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
+    model = mistral.from_tensors(args, weights, device="cpu")
+    assert all(m.kernel is runtime.onednn_linear() for m in linears(model))
+    rows = random_rows([20, 5], args.vocab_size, 2)
+    assert max_diff(model.logits(rows), mistral.from_tensors(args, weights).logits(rows)) <= 1e-5
 
 
 def test_bad_generation_options_are_named(small):

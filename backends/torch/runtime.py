@@ -14,6 +14,7 @@ import torch
 from backends.torch.cache import RotatingCache, Step
 from backends.torch.model import Linear, MoeLayer, Transformer
 from mistral.args import ModelArgs
+from mistral.backend import cpu_cache_bytes
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
@@ -210,10 +211,10 @@ def build(
     state = {k: to_torch(t).to(dev, dt) for k, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    kernel = linear_kernel(dev, dt)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = kernel
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    kernel = linear_kernel(dev, dt, sum(m.weight.nbytes for m in linears))
+    for module in linears:
+        module.kernel = kernel
     if compile:  # the compiled decode step gathers experts instead of looping with host syncs
         stack_experts(model)
     return TorchRunner(args, model, dev, dt, compile)
@@ -236,16 +237,18 @@ def onednn_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return linear
 
 
-def linear_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
-    """The product the Linear layers use here, or None for F.linear.
+def linear_kernel(device: torch.device, dtype: torch.dtype, weight_bytes: int) -> Callable | None:
+    """The product the Linear layers (weight_bytes in all) use here, or None for F.linear.
 
     On x86 CPUs torch gives float32 F.linear to MKL, whose products run far below the memory
     bandwidth on AMD processors: measured on a 2-core EPYC, one row times a 32000x512 matrix
     16 GB/s (MKL) against 34 GB/s (oneDNN), and 128 rows 2.3x faster too. So float32 on an x86 CPU
-    goes to oneDNN; the results differ from MKL's by summation order only (about 1e-6 relative).
-    In bfloat16 F.linear was the faster there (0.9 against 1.2 ms), and oneDNN has no float16 CPU
-    product: half precision, and every other device, keep F.linear."""
-    if device.type != "cpu" or dtype != torch.float32:
+    goes to oneDNN when the weights outgrow the last-level cache; the results differ from MKL's by
+    summation order only (about 1e-6 relative). Weights that fit in the cache are read from it, and
+    there MKL's lower cost per call wins (the embedded model decodes 1.75x faster with it). In
+    bfloat16 F.linear was the faster (0.9 against 1.2 ms), and oneDNN has no float16 CPU product:
+    half precision, and every other device, keep F.linear."""
+    if device.type != "cpu" or dtype != torch.float32 or weight_bytes <= cpu_cache_bytes():
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
