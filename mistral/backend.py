@@ -38,6 +38,7 @@ class Runner(Protocol):
     device: str
     dtype: str
     args: ModelArgs
+    products: str  # what the projections multiply with on this device (a name for reports)
 
     def new_cache(self, batch: int, size: int) -> Any: ...
 

@@ -310,6 +310,7 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
             "backend": s.backend,
             "device": model.device,
             "dtype": model.dtype,
+            "products": model.runner.products,
             "prompt_len": s.prompt_len,
             "gen_len": s.gen_len,
             "batch": s.batch,
@@ -336,8 +337,8 @@ def format_report(report: dict) -> str:
     s = report["setup"]
     lines = [
         f"{s['source']}: batch {s['batch']}, prompt {s['prompt_len']}, generate "
-        f"{s['gen_len']}, {s['device']} {s['dtype']}, median of {s['repeats']} "
-        "(min-max)",
+        f"{s['gen_len']}, {s['device']} {s['dtype']} ({s['products']}), median of "
+        f"{s['repeats']} (min-max)",
         "",
     ]
     head = f"{'':<16}{'prefill tok/s':>24}{'TTFT ms':>24}{'decode tok/s':>22}{'peak MiB':>10}"

@@ -55,6 +55,8 @@ def test_bench_reports_positive_finite_numbers_and_ratios(backend, compare):
     assert 0 < report["decode_fraction_of_bound"] < 10
     text = format_report(report)
     assert "decode bound" in text and f"ours / {compare[0]}" in text
+    assert report["setup"]["products"] in ("F.linear", "nn.Linear")  # tiny weights: in the cache
+    assert f"cpu float32 ({report['setup']['products']})" in text
 
 
 @pytest.mark.parametrize("backend, compare", [("torch", ("hf",)), ("mlx", ("mlx-lm",))])

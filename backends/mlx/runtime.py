@@ -104,6 +104,12 @@ class MlxRunner:
             mx.eval(out, cache.k, cache.v)
         return np.array(out)
 
+    @property
+    def products(self) -> str:
+        """What the Linear layers multiply with (see cpu_streams)."""
+        kernel = self.model.output.kernel
+        return "nn.Linear" if kernel is None else f"split over {len(kernel.streams)} CPU streams"
+
     def memory_probe(self) -> DeviceMemory:
         return DeviceMemory(self.mx_device)
 

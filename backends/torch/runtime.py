@@ -131,6 +131,11 @@ class TorchRunner:
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
 
+    @property
+    def products(self) -> str:
+        """What the Linear layers multiply with (see linear_kernel)."""
+        return "F.linear" if self.model.output.kernel is None else "oneDNN inner product"
+
     def memory_probe(self) -> DeviceMemory:
         return DeviceMemory(self.torch_device)
 
