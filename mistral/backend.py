@@ -52,6 +52,8 @@ class Runner(Protocol):
 
     def copy_bandwidth(self) -> float: ...
 
+    def matmul_throughput(self) -> float: ...
+
 
 def cpu_cores() -> int:
     """The CPU cores this process may run on."""

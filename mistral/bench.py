@@ -9,7 +9,10 @@ one is built: the peak of device memory (CUDA, Metal) or of resident memory (CPU
 less what the process held before the implementation was built: its weights, cache and activations.
 The decode bound is the bytes one step must read (weights, less the embedding table but one row and
 the experts not chosen, plus the KV cache in use) over the device's copy bandwidth: on GPUs a copy
-on the device, on CPUs a numpy copy split over every core (the median of one per round).
+on the device, on CPUs a numpy copy split over every core (the median of one per round). Prefill
+is set against compute: its floating-point operations (prefill_flops) over the time to the first
+token, as a fraction of what a large square product reaches on the device in the run's dtype,
+multiplied the way the projections multiply there.
 """
 
 from __future__ import annotations
@@ -145,6 +148,23 @@ def decode_bytes(
     keys = min(context, args.sliding_window or context)
     kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * keys * dtype_bytes * batch
     return total + kv
+
+
+def prefill_flops(args: ModelArgs, prompt_len: int, batch: int) -> int:
+    """Floating-point operations (2 per multiply-add) one prefill needs: every projection for each
+    prompt token (of the experts, the chosen ones), attention over the keys each token sees, and
+    the output projection for the last token of each row only, as ours computes."""
+    a = args
+    attention = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wk, wv, wo
+    ffn = 3 * a.dim * a.hidden_dim
+    if a.moe:
+        ffn = ffn * a.moe.num_experts_per_tok + a.dim * a.moe.num_experts  # chosen experts, gate
+    window = a.sliding_window or prompt_len
+    seen = sum(min(t, window) for t in range(1, prompt_len + 1))  # keys seen, over the queries
+    per_row = a.n_layers * (
+        prompt_len * (attention + ffn) + 2 * a.n_heads * a.head_dim * seen  # QK^T and AV
+    )
+    return 2 * batch * (per_row + a.dim * a.vocab_size)
 
 
 def held_now(probe: MemoryProbe) -> int:
@@ -303,6 +323,8 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     step_bytes = decode_bytes(s.args, s.tensors, dtype_bytes, context, s.batch)
     bound = s.batch * bandwidth / step_bytes
     ours = results[0]
+    flops = prefill_flops(s.args, s.prompt_len, s.batch)
+    matmul = model.runner.matmul_throughput()
     report = {
         "setup": {
             "source": s.source,
@@ -322,6 +344,9 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
         "decode_bytes_per_step": step_bytes,
         "decode_bound_tok_s": bound,
         "decode_fraction_of_bound": ours.median("decode_tok_s") / bound,
+        "prefill_flops": flops,
+        "matmul_flop_s": matmul,
+        "prefill_fraction_of_matmul": flops / ours.median("ttft_s") / matmul,
         "ratios": {
             r.name: {
                 "decode": ours.median("decode_tok_s") / r.median("decode_tok_s"),
@@ -366,5 +391,11 @@ def format_report(report: dict) -> str:
         f"decode bound: {step:.0f} MiB read per step at {bw:.1f} GB/s (copy) = "
         f"{report['decode_bound_tok_s']:.1f} tok/s; ours reaches "
         f"{report['decode_fraction_of_bound']:.0%}"
+    )
+    flop_s = report["prefill_fraction_of_matmul"] * report["matmul_flop_s"]
+    lines.append(
+        f"prefill: {report['prefill_flops'] / 1e9:.1f} GFLOP at {flop_s / 1e12:.3f} TFLOP/s = "
+        f"{report['prefill_fraction_of_matmul']:.0%} of a large square product here "
+        f"({report['matmul_flop_s'] / 1e12:.3f} TFLOP/s, as the projections multiply)"
     )
     return "\n".join(lines)

@@ -12,8 +12,10 @@ from mistral.bench import (
     decode_bytes,
     format_report,
     measure_rounds,
+    prefill_flops,
     run_bench,
 )
+from mistral.cache import plan_prefill
 from mistral.weights import random_weights
 from tests.helpers import tiny
 
@@ -53,8 +55,11 @@ def test_bench_reports_positive_finite_numbers_and_ratios(backend, compare):
     )
     assert report["bandwidth_bytes_s"] > 0 and report["decode_bound_tok_s"] > 0
     assert 0 < report["decode_fraction_of_bound"] < 10
+    assert report["prefill_flops"] == prefill_flops(args, 24, 2)
+    assert math.isfinite(report["matmul_flop_s"]) and report["matmul_flop_s"] > 0
+    assert 0 < report["prefill_fraction_of_matmul"] < 10
     text = format_report(report)
-    assert "decode bound" in text and f"ours / {compare[0]}" in text
+    assert "decode bound" in text and f"ours / {compare[0]}" in text and "prefill:" in text
     assert report["setup"]["products"] in ("F.linear", "nn.Linear")  # tiny weights: in the cache
     assert f"cpu float32 ({report['setup']['products']})" in text
 
@@ -72,6 +77,27 @@ def test_memory_is_what_each_implementation_adds(backend, compare):
     )
     for r in run_bench(setup)["results"]:
         assert nbytes <= r["peak_bytes"]["median"] < 3 * nbytes + 256 * 2**20, r["name"]
+
+
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+def test_prefill_flops_count_what_a_prefill_computes(config):
+    """Counted another way: the weights' own shapes (of the experts, the chosen ones) for every
+    token, the planner's mask for the keys each query sees, logits for the last token only."""
+    args = tiny(config)
+    weights = random_weights(args)
+    per_token = 0
+    for name, t in weights.items():
+        if name.startswith("layers.0.") and "norm" not in name:
+            macs = t.shape[0] * t.shape[1]
+            if ".experts." in name:
+                macs = macs * args.moe.num_experts_per_tok / args.moe.num_experts
+            per_token += macs
+    prompt = 3 * (args.sliding_window or 10)  # past the window when there is one
+    plan, _ = plan_prefill(prompt, args.sliding_window)
+    seen = int(plan.mask.sum())  # (query, key) pairs attention computes
+    attention = 2 * args.n_heads * args.head_dim * seen  # QK^T and AV
+    macs = args.n_layers * (prompt * per_token + attention) + args.dim * args.vocab_size
+    assert prefill_flops(args, prompt, batch=3) == 3 * 2 * macs
 
 
 def test_decode_bytes_count_weights_in_use_and_the_cache():

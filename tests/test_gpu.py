@@ -85,3 +85,5 @@ def test_cuda_bench_with_compile_reports_sane_numbers():
         assert r["device"].startswith("cuda")
         assert r["decode_tok_s"]["median"] > 0 and r["peak_bytes"]["median"] > 0
     assert report["bandwidth_bytes_s"] > 1e11  # any datacenter GPU copies faster than 100 GB/s
+    assert report["matmul_flop_s"] > 1e13  # and multiplies bfloat16 faster than 10 TFLOP/s
+    assert 0 < report["prefill_fraction_of_matmul"] < 1

@@ -142,6 +142,9 @@ class TorchRunner:
     def copy_bandwidth(self) -> float:
         return copy_bandwidth(self.torch_device)
 
+    def matmul_throughput(self) -> float:
+        return matmul_throughput(self.torch_device, self.torch_dtype, self.model.output.kernel)
+
     @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
@@ -199,6 +202,26 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
+
+
+def matmul_throughput(
+    device: torch.device, dtype: torch.dtype, kernel: Callable | None, n: int | None = None
+) -> float:
+    """FLOP/s of an n x n by n x n product in dtype, multiplied as the Linear layers multiply
+    (kernel, or F.linear), best of 5; n is 8192 on GPUs and 1024 on CPUs."""
+    n = n or (1024 if device.type == "cpu" else 8192)
+    x = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(n, n, device=device).to(dtype)
+    product = kernel or torch.nn.functional.linear
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(6):
+            synchronize(device)
+            start = time.perf_counter()
+            product(x, w)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def build(
