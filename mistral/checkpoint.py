@@ -24,6 +24,8 @@ from mistral.errors import MistralError
 from mistral.safetensors_file import read_tensors, write_tensors
 from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
 
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"  # the embedded model
+
 FORMATS = ("mistral", "hf", "mlx")
 TOKENIZER_FILES = ("tokenizer.model.v3", "tokenizer.model", "tokenizer.model.v1")
 HF_SHARD_BYTES = 5 * 2**30

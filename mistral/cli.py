@@ -1,4 +1,4 @@
-"""The ``mistral`` command: generate, chat, info and convert (``mistral SUBCOMMAND --help``)."""
+"""The ``mistral`` command: generate, chat, info, convert, and (cli_tools) diff and bench."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import NoReturn
 import numpy as np
 import simple_parsing as sp
 
+from mistral.checkpoint import DEFAULT_MODEL
+from mistral.cli_tools import Bench, Diff
 from mistral.errors import MistralError
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
 @dataclass
@@ -289,179 +289,6 @@ class Convert:
             if (ckpt.path / name).is_file():
                 shutil.copy(ckpt.path / name, dst / name)
         print(f"wrote {dst} ({self.to} format)", file=sys.stderr)
-
-
-@dataclass
-class Diff:
-    """Find where two backends (or a backend and an outside reference) part ways, tap by tap.
-
-    Runs the same tokens through side a and side b and prints, per tap (embeddings; per layer
-    the attention norm, q/k after RoPE, attention output, feed-forward norm, MoE router logits
-    and chosen experts, feed-forward output, residual; final norm; logits) the max |a-b|,
-    relative error and cosine similarity, then names the first tap beyond its dtype pair's
-    tolerance and says whether the error jumps at one place or grows layer by layer. Exits 1
-    when the sides disagree.
-    """
-
-    model: str | None = None
-    """Model folder of side a (default: the embedded model)."""
-    b_model: str | None = None
-    """Model folder of side b, to compare checkpoint formats of one model (default: --model)."""
-    a: str = "torch:cpu:float32"
-    """Side a: backend[:device[:dtype]], backend one of torch, mlx, hf (transformers), mlx-lm."""
-    b: str = "mlx:cpu:float32"
-    """Side b, as --a."""
-    prompt: str | None = None
-    """Text to run (needs the model's tokenizer)."""
-    tokens: str | None = None
-    """Comma-separated token ids to run instead of --prompt."""
-    generate: int = 0
-    """Decode this many tokens greedily on both sides; report the first step where they differ and
-    the taps at that step."""
-    json: str | None = None
-    """Write the whole report as JSON to this file."""
-    plot: str | None = None
-    """Draw the error per layer for each tap kind to this PNG file."""
-
-    def run(self) -> None:
-        from mistral.checkpoint import read_checkpoint
-        from mistral.diff import load_side, plot, run_diff
-        from mistral.tokenizer import Tokenizer
-        from mistral.weights import expected_shapes
-
-        ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
-        ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
-        if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
-            raise MistralError(f"{ckpt_a.path} and {ckpt_b.path} have different shapes")
-        params_a, params_b = ckpt_a.args.to_params(), ckpt_b.args.to_params()
-        for key in dict.fromkeys([*params_a, *params_b]):
-            if params_a.get(key) != params_b.get(key):  # a likely cause of what follows
-                print(
-                    f"note: {key} is {params_a.get(key)} in side a's folder, "
-                    f"{params_b.get(key)} in side b's"
-                )
-        if self.tokens:
-            try:
-                ids = [int(t) for t in self.tokens.replace(" ", "").split(",") if t]
-            except ValueError:
-                raise MistralError(
-                    f"--tokens: not a comma-separated list of ids: {self.tokens!r}"
-                ) from None
-        else:
-            if ckpt_a.tokenizer_path is None:
-                raise MistralError(f"{ckpt_a.path} has no tokenizer: pass --tokens")
-            ids = Tokenizer(ckpt_a.tokenizer_path).encode(self.prompt or "In the beginning")
-        report = run_diff(load_side(self.a, ckpt_a), load_side(self.b, ckpt_b), ids, self.generate)
-        print(report.table())
-        if self.json:
-            Path(self.json).write_text(json.dumps(report.to_json(), indent=2))
-        if self.plot:
-            plot(report, self.plot)
-        if not report.agree:
-            raise SystemExit(1)
-
-
-@dataclass
-class Bench:
-    """Measure prefill and decode speed and peak memory, optionally against transformers and
-    mlx-lm on the same weights in the same run.
-
-    Prints median and spread over --repeats runs after --warmup runs, the ratio ours/theirs, and the
-    memory-bandwidth bound of decode (bytes read per step over the measured copy bandwidth).
-    """
-
-    model: str | None = None
-    """Model folder to measure (default: the embedded model unless --config is given)."""
-    config: str | None = None
-    """A shape from configs/ (e.g. mistral-7b-v0.1, small-bench) or a params.json path; the
-    weights are seeded random, so real shapes need no download."""
-    random_weights: bool = False
-    """Use seeded random weights (implied by --config)."""
-    window: int | None = None
-    """Override the sliding window of --config (e.g. to measure memory past the window)."""
-    backend: str = sp.choice("torch", "mlx", default="torch")
-    """Our backend to measure."""
-    device: str | None = None
-    """Device, as for generate (default: the best available)."""
-    dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
-    """Compute dtype (default: as for generate)."""
-    prompt_len: int = 512
-    """Prompt tokens per row."""
-    gen_len: int = 128
-    """Tokens generated per row."""
-    batch: int = 1
-    """Rows decoded together."""
-    chunk_size: int | None = None
-    """Prefill in chunks of this many tokens."""
-    repeats: int = 5
-    """Measured runs; the report gives their median and spread."""
-    warmup: int = 1
-    """Runs before measuring (allocations, kernel selection, compilation); memory is measured in
-    them, each implementation's before the next is built."""
-    compare: str = ""
-    """Comma-separated references to run on the same weights: hf, mlx-lm."""
-    compile: bool = False
-    """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
-    json: str | None = None
-    """Also write the report as JSON to this file."""
-
-    def run(self) -> None:
-        import dataclasses
-
-        from mistral.args import ModelArgs
-        from mistral.bench import BenchSetup, format_report, run_bench
-        from mistral.checkpoint import read_checkpoint
-        from mistral.weights import random_weights
-
-        if self.config:
-            path = Path(self.config)
-            if not path.exists():
-                path = Path(__file__).resolve().parents[1] / "configs" / f"{self.config}.json"
-            if not path.exists():
-                raise MistralError(f"no config {self.config!r} (a name from configs/ or a path)")
-            args = ModelArgs.from_file(path)
-            if self.window:
-                args = dataclasses.replace(args, sliding_window=self.window)
-            tensors = random_weights(args, seed=0, dtype=self.dtype or "float32")
-            source = f"{path.stem} (random weights)"
-        else:
-            ckpt = read_checkpoint(self.model or DEFAULT_MODEL)
-            args, tensors, source = ckpt.args, ckpt.tensors, str(ckpt.path)
-            if self.random_weights:
-                tensors = random_weights(args, seed=0, dtype=self.dtype or "float32")
-        for name, value in (
-            ("prompt-len", self.prompt_len),
-            ("gen-len", self.gen_len),
-            ("batch", self.batch),
-            ("repeats", self.repeats),
-            ("warmup", self.warmup),
-        ):
-            if value < 1 or (name == "gen-len" and value < 2):
-                raise MistralError(f"--{name} must be at least {2 if name == 'gen-len' else 1}")
-        compare = tuple(c for c in self.compare.replace(" ", "").split(",") if c)
-        for c in compare:
-            if c not in ("hf", "mlx-lm"):
-                raise MistralError(f"--compare: unknown reference {c!r} (use hf, mlx-lm)")
-        setup = BenchSetup(
-            args,
-            tensors,
-            source,
-            self.backend,
-            self.device,
-            self.dtype,
-            self.prompt_len,
-            self.gen_len,
-            self.batch,
-            self.repeats,
-            self.warmup,
-            self.chunk_size,
-            compare,
-            self.compile,
-        )
-        report = run_bench(setup, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(format_report(report))
-        if self.json:
-            Path(self.json).write_text(json.dumps(report, indent=2))
 
 
 COMMANDS = {
