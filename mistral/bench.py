@@ -24,14 +24,13 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mistral.args import ModelArgs
-from mistral.backend import MemoryProbe, cpu_cores
+from mistral.backend import MemoryProbe
 from mistral.weights import RawTensor
 
 
@@ -220,25 +219,6 @@ def measure_rounds(
     return results, bandwidths
 
 
-def cpu_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
-    """Bytes/s of a large copy (it reads and writes every byte) split over one thread per core,
-    best of 5: the machine's figure, the same whichever framework is measured against it."""
-    src = np.ones(nbytes // 8)
-    dst = np.empty_like(src)
-    bounds = np.linspace(0, len(src), cpu_cores() + 1).astype(int)
-
-    def part(i: int) -> None:  # numpy lets go of the GIL while it copies
-        np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
-
-    best = float("inf")
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        for _ in range(6):
-            start = time.perf_counter()
-            list(pool.map(part, range(len(bounds) - 1)))
-            best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
-
-
 def our_run(
     model, prompts: list[list[int]], gen_len: int, chunk_size: int | None
 ) -> Callable[[], Timing]:
@@ -310,10 +290,8 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
         _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
         runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
         memory.append(warm_up(ref, runs[-1][3], s.warmup, before, progress))
-    # On a CPU the bound is the machine's (a numpy copy on every core), not a framework's copy.
-    bandwidth = cpu_copy_bandwidth if model.device == "cpu" else model.runner.copy_bandwidth
     results, bandwidths = measure_rounds(
-        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, bandwidth, progress
+        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, model.runner.copy_bandwidth, progress
     )
     for result, added in zip(results, memory, strict=True):
         result.peak_bytes = added

@@ -8,7 +8,6 @@ import pytest
 from mistral.bench import (
     BenchSetup,
     Timing,
-    cpu_copy_bandwidth,
     decode_bytes,
     format_report,
     measure_rounds,
@@ -136,6 +135,19 @@ def test_implementations_take_turns_each_round():
     assert results[1].decode_tok_s == [2 * 4 / 0.25] * 3
 
 
-def test_cpu_bandwidth_is_the_machines():
+def test_cpu_bandwidth_is_the_machines(monkeypatch):
+    """On a CPU both runners report the same numpy copy on every core, not their framework's own
+    copy (MLX's runs on one thread and put decode at "127% of the bound")."""
+    import mlx.core as mx
+    import torch
+
+    import backends.mlx.runtime as mlx_runtime
+    import backends.torch.runtime as torch_runtime
+    from mistral.backend import cpu_copy_bandwidth
+
     bandwidth = cpu_copy_bandwidth(8 * 2**20)
     assert math.isfinite(bandwidth) and bandwidth > 1e8  # any machine moves 100 MB/s
+    for runtime in (torch_runtime, mlx_runtime):
+        monkeypatch.setattr(runtime, "cpu_copy_bandwidth", lambda nbytes: 12345.0)
+    assert torch_runtime.copy_bandwidth(torch.device("cpu")) == 12345.0
+    assert mlx_runtime.copy_bandwidth(mx.cpu) == 12345.0

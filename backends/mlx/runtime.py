@@ -12,7 +12,7 @@ import numpy as np
 from backends.mlx.cache import RotatingCache, Step
 from backends.mlx.model import Linear, MoeLayer, Transformer
 from mistral.args import ModelArgs
-from mistral.backend import cpu_cache_bytes, cpu_cores
+from mistral.backend import cpu_cache_bytes, cpu_copy_bandwidth, cpu_cores
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
@@ -156,7 +156,11 @@ def memory_probe(device: str | None) -> DeviceMemory:
 
 
 def copy_bandwidth(device: mx.Device, nbytes: int = 256 * 2**20) -> float:
-    """Bytes/s of a large elementwise pass (it reads and writes every byte), best of 5."""
+    """Bytes/s of a large elementwise pass (it reads and writes every byte), best of 5; on a CPU
+    the machine's figure, the same for every framework (mistral.backend.cpu_copy_bandwidth): MLX's
+    own CPU pass runs on one thread at a fraction of the memory bandwidth."""
+    if device == mx.cpu:
+        return cpu_copy_bandwidth(nbytes)
     with mx.stream(device):
         x = mx.ones((nbytes // 4,), dtype=mx.float32)
         mx.eval(x)

@@ -14,7 +14,7 @@ import torch
 from backends.torch.cache import RotatingCache, Step
 from backends.torch.model import Linear, MoeLayer, Transformer
 from mistral.args import ModelArgs
-from mistral.backend import cpu_cache_bytes
+from mistral.backend import cpu_cache_bytes, cpu_copy_bandwidth
 from mistral.cache import StepPlan, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
@@ -191,7 +191,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
-    """Bytes/s of a large device-to-device copy (it reads and writes every byte), best of 5."""
+    """Bytes/s of a large device-to-device copy (it reads and writes every byte), best of 5; on a
+    CPU the machine's figure, the same for every framework (mistral.backend.cpu_copy_bandwidth)."""
+    if device.type == "cpu":
+        return cpu_copy_bandwidth(nbytes)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     best = float("inf")
