@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
+from mistral.measure import cpu_cores
 
 # The dtypes a checkpoint may hold. numpy has no bfloat16: its bits travel as uint16.
 DTYPES = ("float32", "float16", "bfloat16")
@@ -104,13 +106,22 @@ def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source
 
 
 def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> dict[str, RawTensor]:
-    """Seeded random weights of the spec's shapes (tests and benchmarks without a checkpoint)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_shapes(args).items():
+    """Seeded random weights of the spec's shapes (tests and benchmarks without a checkpoint).
+
+    Each tensor is drawn from its own stream, seeded by (seed, its index), so the tensors can be
+    drawn on every core at once (numpy lets go of the GIL) with the same values however many."""
+    shapes = list(expected_shapes(args).items())
+
+    def draw(i: int) -> RawTensor:
+        name, shape = shapes[i]
+        rng = np.random.default_rng([seed, i])
         if name.endswith("norm.weight"):
             a = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
-            a = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1], dtype=np.float32)
-        out[name] = from_numpy(a, dtype)
-    return out
+            a = rng.standard_normal(shape, dtype=np.float32)
+            a /= np.sqrt(shape[-1], dtype=np.float32)
+        return from_numpy(a, dtype)
+
+    with ThreadPoolExecutor(cpu_cores()) as pool:
+        drawn = list(pool.map(draw, range(len(shapes))))
+    return {name: t for (name, _), t in zip(shapes, drawn, strict=True)}
