@@ -7,8 +7,8 @@ setup(
     version="0.1.0",
     description="Reference Mistral/Mixtral inference on PyTorch and MLX, and a cross-backend diff",
     python_requires=">=3.10",
-    packages=["mistral", "backends", "backends.torch", "backends.mlx"],
-    package_data={"mistral": ["default_model/*"]},
+    packages=["mistral", "mistral.cli", "backends", "backends.torch", "backends.mlx"],
+    package_data={"mistral": ["default_model/*", "configs/*.json"]},
     install_requires=["numpy", "sentencepiece", "simple-parsing", "tqdm"],
     extras_require={
         # Install torch yourself first when you need a specific build (see README).

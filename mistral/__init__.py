@@ -1,7 +1,8 @@
 """Reference implementation of the Mistral family: the framework-neutral spec and its API."""
 
+from mistral.api import Model, from_tensors, load
 from mistral.args import ModelArgs, MoeArgs
 from mistral.errors import MistralError
-from mistral.model import Model, from_tensors, load
+from mistral.tokenizer import Tokenizer
 
-__all__ = ["MistralError", "Model", "ModelArgs", "MoeArgs", "from_tensors", "load"]
+__all__ = ["MistralError", "Model", "ModelArgs", "MoeArgs", "Tokenizer", "from_tensors", "load"]

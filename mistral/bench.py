@@ -17,28 +17,17 @@ multiplied the way the projections multiply there.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import statistics
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from mistral.api import Model, from_tensors
 from mistral.args import ModelArgs
-from mistral.backend import MemoryProbe
+from mistral.contract import REFERENCES, backend, reference
+from mistral.measure import Meter, Timing, held_now, timed_run
 from mistral.weights import RawTensor
-
-
-@dataclass
-class Timing:
-    prefill_s: float
-    decode_s: float
-    peak_bytes: int
 
 
 @dataclass
@@ -65,66 +54,6 @@ class Result:
                 "runs": values,
             }
         return out
-
-
-class ResidentMemory:
-    """Peak resident memory of this process over a block.
-
-    On Linux the kernel keeps the high-water mark (VmHWM), reset by writing 5 to clear_refs, so
-    nothing runs beside the measured code. Elsewhere a thread samples every few milliseconds."""
-
-    def __init__(self, every_s: float = 0.002) -> None:
-        self.every_s = every_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _status(field: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
-    @staticmethod
-    def _reset_high_water_mark() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def current() -> int:
-        rss = ResidentMemory._status("VmRSS")
-        if rss is not None:
-            return rss
-        import resource  # no /proc (macOS): the lifetime maximum is all there is
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> ResidentMemory:
-        self.peak = self.current()
-        if not (self._reset_high_water_mark() and self._status("VmHWM") is not None):
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, self._status("VmHWM") or 0, self.current())
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -164,17 +93,6 @@ def prefill_flops(args: ModelArgs, prompt_len: int, batch: int) -> int:
         prompt_len * (attention + ffn) + 2 * a.n_heads * a.head_dim * seen  # QK^T and AV
     )
     return 2 * batch * (per_row + a.dim * a.vocab_size)
-
-
-def held_now(probe: MemoryProbe) -> int:
-    """What the process holds now: device memory, or on a CPU resident memory once the heap has
-    given freed pages back (so one implementation's garbage is not the next one's baseline)."""
-    if probe.on_device:
-        return probe.current()
-    gc.collect()
-    with contextlib.suppress(AttributeError, OSError):  # glibc; elsewhere nothing to trim
-        ctypes.CDLL(None).malloc_trim(0)
-    return ResidentMemory.current()
 
 
 def warm_up(
@@ -220,25 +138,13 @@ def measure_rounds(
 
 
 def our_run(
-    model, prompts: list[list[int]], gen_len: int, chunk_size: int | None
+    model: Model, meter: Meter, prompts: list[list[int]], gen_len: int, chunk_size: int | None
 ) -> Callable[[], Timing]:
-    """One timed run of the generation loop users call (greedy), through our runner."""
-    from mistral.generate import stream
-
-    runner = model.runner
-    probe = runner.memory_probe()
+    """One timed run of the generation loop users call (greedy)."""
 
     def run() -> Timing:
-        with ResidentMemory() as rss:
-            probe.reset()
-            start = time.perf_counter()
-            steps = stream(runner, prompts, gen_len, chunk_size=chunk_size)
-            next(steps)
-            first = time.perf_counter()
-            for _ in steps:
-                pass
-            end = time.perf_counter()
-        return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+        steps = model.stream(prompts, gen_len, chunk_size=chunk_size)
+        return timed_run(meter, lambda: next(steps), lambda: list(steps))
 
     return run
 
@@ -263,54 +169,47 @@ class BenchSetup:
 
 def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:
     """Measures our backend, then each reference asked for, on the same weights and prompts."""
-    from mistral.backend import runtime
-    from mistral.checkpoint import Checkpoint
-    from mistral.diff import REFERENCES, load_side
-    from mistral.model import from_tensors
-
     prompts = random_prompts(s.batch, s.prompt_len, s.args.vocab_size)
-    ckpt = Checkpoint(Path(s.source), "memory", s.args, s.tensors)
     # Each implementation is built, then warmed up (and its memory measured) before the next is
     # built, so that what it adds to the process is its own.
-    probe = runtime(s.backend).memory_probe(s.device)
-    before = held_now(probe)
+    meter = backend(s.backend).meter(s.args, s.device, s.dtype)
+    before = held_now(meter)
     model = from_tensors(s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
+    name = f"ours ({s.backend})"
     runs = [
-        (
-            f"ours ({s.backend})",
-            model.device,
-            model.dtype,
-            our_run(model, prompts, s.gen_len, s.chunk_size),
-        )
+        (name, model.device, model.dtype, our_run(model, meter, prompts, s.gen_len, s.chunk_size))
     ]
-    memory = [warm_up(runs[0][0], runs[0][3], s.warmup, before, progress)]
+    memory = [warm_up(name, runs[0][3], s.warmup, before, progress)]
     for ref in s.compare:
-        probe = runtime(REFERENCES[ref][0]).memory_probe(s.device)
-        before = held_now(probe)
-        _, side = load_side(f"{ref}:{s.device or ''}:{model.dtype}", ckpt)
+        before = held_now(backend(REFERENCES[ref]).meter(s.args, s.device, model.dtype))
+        side = reference(ref, s.args, s.tensors, s.device, model.dtype)
         runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
         memory.append(warm_up(ref, runs[-1][3], s.warmup, before, progress))
     results, bandwidths = measure_rounds(
-        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, model.runner.copy_bandwidth, progress
+        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, meter.copy_bandwidth, progress
     )
     for result, added in zip(results, memory, strict=True):
         result.peak_bytes = added
-    bandwidth = float(statistics.median(bandwidths))
+    return report(s, meter, results, float(statistics.median(bandwidths)))
+
+
+def report(s: BenchSetup, meter: Meter, results: list[Result], bandwidth: float) -> dict:
+    """The figures of a bench as a JSON-able dict: results, ratios, and the two bounds."""
     context = s.prompt_len + s.gen_len // 2  # keys read by the average decode step
-    dtype_bytes = 4 if model.dtype == "float32" else 2
+    dtype_bytes = 4 if meter.dtype == "float32" else 2
     step_bytes = decode_bytes(s.args, s.tensors, dtype_bytes, context, s.batch)
     bound = s.batch * bandwidth / step_bytes
     ours = results[0]
     flops = prefill_flops(s.args, s.prompt_len, s.batch)
-    matmul = model.runner.matmul_throughput()
-    report = {
+    matmul = meter.matmul_throughput()
+    return {
         "setup": {
             "source": s.source,
             "args": s.args.to_params(),
             "backend": s.backend,
-            "device": model.device,
-            "dtype": model.dtype,
-            "products": model.runner.products,
+            "device": meter.device,
+            "dtype": meter.dtype,
+            "products": meter.products,
             "prompt_len": s.prompt_len,
             "gen_len": s.gen_len,
             "batch": s.batch,
@@ -333,7 +232,6 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
             for r in results[1:]
         },
     }
-    return report
 
 
 def format_report(report: dict) -> str:

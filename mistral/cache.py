@@ -22,10 +22,11 @@ Worked example: window 4, buffer size 4, one row that has already seen 6 tokens 
     slot_pos after = [8, 5, 6, 7]
 
 Attention here must read the old cache before the chunk overwrites slots 2 and 3 (position 3 is
-still visible to q=6), so the plan says ``keys="cache+new"``. A decoded token only ever evicts a
-position that has just left its window, so for decode the plan says ``keys="cache"``: the backend
-writes first and attends over the buffer alone (a static shape). A first prefill, with nothing
-cached, attends over the new tokens alone: ``keys="new"``.
+still visible to q=6), so the plan says ``key_layout="cache+new"``. A decoded token only ever
+evicts a position that has just left its window, so for decode the plan says
+``key_layout="cache"``: the backend writes first and attends over the buffer alone (a static
+shape). A first prefill, with nothing cached, attends over the new tokens alone:
+``key_layout="new"``; so does a forward without a cache (training, tracing).
 
 Rows of a batch may differ in both new and cached lengths: new tokens are laid out padded, (B, T)
 with T the longest; padding is never stored and its queries see every key (outputs discarded).
@@ -52,7 +53,7 @@ class StepPlan:
     store_rows: np.ndarray  # (M,) int64, row b of each new token that is written
     store_cols: np.ndarray  # (M,) int64, its index t among the row's new tokens
     store_slots: np.ndarray  # (M,) int64, the slot (position % S) it is written to
-    keys: KeyLayout  # what attention reads: see the module docstring
+    key_layout: KeyLayout  # what attention reads: see the module docstring
     mask: np.ndarray  # (B, T, K) bool; K = S, S + T or T for "cache", "cache+new", "new"
     key_positions: np.ndarray  # (B, K) int64, absolute position of every key, -1 if empty
     lengths: np.ndarray  # (B,) int64, tokens seen per row before this step (RoPE offsets)
@@ -123,12 +124,12 @@ class CacheBook:
         new_slot_pos[rows, slots] = positions[rows, cols]
         new_pos = np.where(valid, positions, -1)  # (B, T), -1 marks padding keys
 
-        keys = self._layout(seqlens, rows, slots)
+        layout = self._layout(seqlens, rows, slots)
         key_positions = {
             "cache": new_slot_pos,
             "cache+new": np.concatenate([self.slot_pos, new_pos], axis=1),
             "new": new_pos,
-        }[keys]
+        }[layout]
         mask = visibility(positions, key_positions, self.window)
         mask |= ~valid[:, :, None]  # padding queries see everything, so no row of the mask is empty
 
@@ -138,7 +139,7 @@ class CacheBook:
             store_rows=rows,
             store_cols=cols,
             store_slots=slots,
-            keys=keys,
+            key_layout=layout,
             mask=mask,
             key_positions=key_positions,
             lengths=self.lengths.copy(),
@@ -179,7 +180,6 @@ class CacheBook:
         return "cache"
 
 
-def plan_prefill(length: int, window: int | None) -> tuple[StepPlan, int]:
-    """One row fed whole into an empty cache: its plan, and the buffer size that needs."""
-    size = cache_size(window, length)
-    return CacheBook(1, size, window).step([length]), size
+def plan_prefill(seqlens: list[int], window: int | None) -> StepPlan:
+    """Rows fed whole into an empty cache, or run without one: each attends over its own tokens."""
+    return CacheBook(len(seqlens), cache_size(window, max(seqlens)), window).step(seqlens)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mistral.errors import MistralError
-from mistral.generate import Session, stream
+from mistral.generate import Session
 from mistral.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # mistral.api imports this module
+    from mistral.api import Model
 
 Role = Literal["user", "assistant"]
 
@@ -68,6 +71,27 @@ def encode_chat(
     return ids
 
 
+def encode_messages(tok: Tokenizer, messages: list[Message] | list[dict[str, str]]) -> list[int]:
+    """The prompt of OpenAI-style messages ({"role": "system" | "user" | "assistant", "content":
+    text}) or Messages, in the tokenizer's own template; a system message becomes the system
+    prompt."""
+    system = None
+    turns = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            turns.append(m)
+            continue
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise MistralError(f"message {i} is not a dict with a text 'content'")
+        if m.get("role") == "system":
+            system = m["content"] if system is None else f"{system}\n\n{m['content']}"
+        elif m.get("role") in ("user", "assistant"):
+            turns.append(Message(m["role"], m["content"]))
+        else:
+            raise MistralError(f"message {i}: unknown role {m.get('role')!r}")
+    return encode_chat(tok, turns, system)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -86,8 +110,7 @@ class Chat:
     rebuilt otherwise.
     """
 
-    model: object  # mistral.Model
-    tok: Tokenizer
+    model: Model
     system: str | None = None
     version: str | None = None
     context: int = 4096  # cache length when the model has no sliding window
@@ -95,9 +118,9 @@ class Chat:
     fed: list[int] = field(default_factory=list)
     session: Session | None = None
 
-    def _new_session(self) -> Session:
-        window = self.model.args.sliding_window
-        return Session(self.model.runner, 1, window or self.context)
+    @property
+    def tok(self) -> Tokenizer:
+        return self.model.require_tokenizer()
 
     def reply(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
         """Streams the answer to ``text``; stopping the iterator early keeps what was said."""
@@ -105,11 +128,10 @@ class Chat:
         prompt = encode_chat(self.tok, self.messages, self.system, self.version)
         keep = common_prefix(self.fed, prompt)
         if self.session is None or keep == 0 or not self.session.book.rewind([keep]):
-            self.session, keep = self._new_session(), 0
+            self.session, keep = self.model.session(1, self.context), 0
         answer: list[int] = []
         decoder = self.tok.decoder()
-        steps = stream(
-            self.model.runner,
+        steps = self.model.stream(
             [prompt[keep:]],
             max_tokens,
             eos_id=self.tok.eos_id,

@@ -1,10 +1,12 @@
 """Model folders in three layouts (Mistral, Hugging Face, MLX), read and written framework-free.
 
-    mistral  params.json + consolidated.safetensors (or consolidated.00.pth), Mistral key names
+    mistral  params.json + consolidated.safetensors (or its shards, or consolidated.00.pth)
     hf       config.json + model.safetensors (or shards and their index), HF names, wq/wk permuted
-    mlx      params.json or config.json + weights.npz / weights.safetensors (mlx-examples)
+    mlx      params.json or config.json + weights*.npz / weights*.safetensors (mlx-examples)
 
-Folders written by mlx-lm are Hugging Face folders (its Mixtral stacks experts; they are unstacked).
+Reading: LAYOUTS is the table, one reader per layout, the first whose files a folder has is used;
+each reader returns the args and the tensors named by the spec's checkpoint keys. Folders written
+by mlx-lm are Hugging Face folders (its Mixtral stacks experts; they are unstacked).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import numpy as np
 
 from mistral import hf
 from mistral.args import ModelArgs
-from mistral.backend import runtime
 from mistral.errors import MistralError
+from mistral.pth_file import read_pth
 from mistral.safetensors_file import read_tensors, write_tensors
 from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"  # the embedded model
+CONFIGS = Path(__file__).resolve().parent / "configs"  # named shapes (params.json) for bench
 
 FORMATS = ("mistral", "hf", "mlx")
 TOKENIZER_FILES = ("tokenizer.model.v3", "tokenizer.model", "tokenizer.model.v1")
 HF_SHARD_BYTES = 5 * 2**30
+
+Tensors = dict[str, RawTensor]
 
 
 @dataclass
@@ -38,29 +43,66 @@ class Checkpoint:
     path: Path
     format: str
     args: ModelArgs
-    tensors: dict[str, RawTensor]
+    tensors: Tensors
 
     @property
     def tokenizer_path(self) -> Path | None:
         return next((self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()), None)
 
 
-def detect_format(path: Path) -> str:
-    if not path.is_dir():
-        raise MistralError(f"{path}: not a model folder")
-    if any(path.glob("weights*.npz")) or any(path.glob("weights*.safetensors")):
-        return "mlx"
-    if (path / "params.json").exists():
-        return "mistral"
-    if (path / "config.json").exists():
-        return "hf"
-    raise MistralError(
-        f"{path}: no known checkpoint format (params.json + consolidated.safetensors, "
-        "config.json + model.safetensors, or weights.npz)"
-    )
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused unless it resolves inside the folder (a file a folder names
+    must not reach out of it through "..", an absolute path or a link)."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise MistralError(f"{folder}: {name!r} points outside the model folder")
+    return path
 
 
-def read_npz(path: Path) -> dict[str, RawTensor]:
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MistralError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MistralError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(path: Path) -> ModelArgs:
+    """params.json (Mistral's keys), or a config.json in Hugging Face's keys (it names its
+    model_type) or in Mistral's (as mlx-examples wrote them)."""
+    if path.name == "params.json":
+        return ModelArgs.from_params(read_json(path), str(path))
+    config = read_json(path)
+    if "model_type" in config:
+        return hf.args_from_config(config, str(path))
+    return ModelArgs.from_params(config, str(path))
+
+
+def read_safetensors_set(path: Path, stem: str) -> Tensors:
+    """``stem``.safetensors, or the shards its index names, or the files ``stem``*.safetensors."""
+    index = path / f"{stem}.safetensors.index.json"
+    if (path / f"{stem}.safetensors").is_file():
+        files = [path / f"{stem}.safetensors"]
+    elif index.is_file():
+        names = read_json(index).get("weight_map")
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise MistralError(f"{index}: no weight_map of tensor names to files")
+        files = [inside(path, name) for name in sorted(set(names.values()))]
+    else:
+        files = sorted(path.glob(f"{stem}*.safetensors"))
+    if not files:
+        raise MistralError(f"{path}: no {stem}.safetensors (or its shards)")
+    out: Tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise MistralError(f"{path}: shard {f.name} is missing")
+        out.update(read_tensors(f))
+    return out
+
+
+def read_npz(path: Path) -> Tensors:
     try:
         archive = np.load(path, allow_pickle=False)
         out = {}
@@ -68,84 +110,71 @@ def read_npz(path: Path) -> dict[str, RawTensor]:
             a = archive[name]  # npz members are read one at a time
             if a.dtype.name not in DTYPES:
                 raise MistralError(f"{path}: {name} has unsupported dtype {a.dtype}")
-            out[name] = RawTensor(a.dtype.name, tuple(a.shape), a)
+            out[name] = RawTensor(a.dtype.name, a)
         return out
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise MistralError(f"{path}: unreadable npz ({e})") from None
 
 
-def names_to_spec(
-    args: ModelArgs, tensors: dict[str, RawTensor], source: str
-) -> dict[str, RawTensor]:
-    """Accepts either naming: Mistral's checkpoint keys, or Hugging Face's (converted)."""
-    if any(k.startswith(("model.", "lm_head.")) for k in tensors):
-        return hf.tensors_from_hf(args, tensors, source)
-    return tensors
+def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
+    args = read_config(path / "params.json")
+    if any(path.glob("consolidated*.safetensors")):
+        return args, read_safetensors_set(path, "consolidated")
+    if (path / "consolidated.00.pth").is_file():
+        return args, read_pth(path / "consolidated.00.pth")
+    raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
 
 
-def _read_args(path: Path) -> ModelArgs:
-    if (path / "params.json").exists():
-        return ModelArgs.from_file(path / "params.json")
-    return hf.read_config(path / "config.json")
+def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
+    args = read_config(path / "config.json")
+    return args, hf.tensors_from_hf(args, read_safetensors_set(path, "model"), str(path))
 
 
-def _read_safetensors_set(
-    path: Path, single: str, index: str, pattern: str
-) -> dict[str, RawTensor]:
-    if (path / single).exists():
-        return read_tensors(path / single)
-    if (path / index).exists():
-        try:
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise MistralError(f"{path / index}: unreadable index ({e})") from None
-    else:
-        shards = sorted(p.name for p in path.glob(pattern))
-    if not shards:
-        raise MistralError(f"{path}: no {single} (or its shards)")
-    out: dict[str, RawTensor] = {}
-    for shard in shards:
-        if not (path / shard).exists():
-            raise MistralError(f"{path}: shard {shard} is missing")
-        out.update(read_tensors(path / shard))
-    return out
+def read_mlx(path: Path) -> tuple[ModelArgs, Tensors]:
+    """mlx-examples wrote either naming, Mistral's or Hugging Face's: the names say which."""
+    config = path / "params.json"
+    args = read_config(config if config.is_file() else path / "config.json")
+    raw: Tensors = {}
+    for f in sorted(path.glob("weights*.npz")):
+        raw.update(read_npz(f))
+    for f in sorted(path.glob("weights*.safetensors")):
+        raw.update(read_tensors(f))
+    if any(hf.from_hf_name(name) for name in raw):
+        return args, hf.tensors_from_hf(args, raw, str(path))
+    return args, raw
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    found: Callable[[Path], bool]  # whether a folder has this layout's files
+    read: Callable[[Path], tuple[ModelArgs, Tensors]]
+
+
+LAYOUTS = (
+    Layout(
+        "mlx",
+        lambda p: any(p.glob("weights*.npz")) or any(p.glob("weights*.safetensors")),
+        read_mlx,
+    ),
+    Layout("mistral", lambda p: (p / "params.json").is_file(), read_mistral),
+    Layout("hf", lambda p: (p / "config.json").is_file(), read_hf),
+)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Detects the folder's format from its contents and reads it (tensors stay memory-mapped)."""
+    """Reads a folder by the first layout whose files it has (tensors stay memory-mapped)."""
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "hf":
-        args = hf.read_config(path / "config.json")
-        raw = _read_safetensors_set(
-            path, "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"
+    if not path.is_dir():
+        raise MistralError(f"{path}: not a model folder")
+    layout = next((x for x in LAYOUTS if x.found(path)), None)
+    if layout is None:
+        raise MistralError(
+            f"{path}: no known checkpoint format (params.json + consolidated.safetensors, "
+            "config.json + model.safetensors, or weights.npz)"
         )
-    elif fmt == "mistral":
-        args = ModelArgs.from_file(path / "params.json")
-        if any(path.glob("consolidated*.safetensors")):
-            raw = _read_safetensors_set(
-                path, "consolidated.safetensors", "-", "consolidated*.safetensors"
-            )
-        elif (path / "consolidated.00.pth").exists():
-            raw = _read_pth(path / "consolidated.00.pth")
-        else:
-            raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
-    else:
-        args = _read_args(path)
-        raw = {}
-        for f in sorted(path.glob("weights*.npz")):
-            raw.update(read_npz(f))
-        for f in sorted(path.glob("weights*.safetensors")):
-            raw.update(read_tensors(f))
-    return Checkpoint(path, fmt, args, names_to_spec(args, raw, str(path)))
-
-
-def _read_pth(path: Path) -> dict[str, RawTensor]:
-    try:
-        reader = runtime("torch")
-    except MistralError:
-        raise MistralError(f"{path}: reading a .pth checkpoint needs torch") from None
-    return reader.read_pth(str(path))
+    args, tensors = layout.read(path)
+    return Checkpoint(path, layout.name, args, tensors)
 
 
 def write_checkpoint(
@@ -189,10 +218,6 @@ def write_checkpoint(
         write_tensors(path / "weights.safetensors", items, dtype, progress)
     else:
         _write_npz(path / "weights.npz", items, dtype, progress)
-
-
-def write_mistral_folder(path: str | Path, args: ModelArgs, tensors: dict[str, RawTensor]) -> None:
-    write_checkpoint(path, "mistral", args, tensors)
 
 
 def _shard(items: list[tuple[str, RawTensor]], dtype: str | None) -> list[list]:

@@ -8,13 +8,14 @@ tolerance of the coarser dtype of the pair (TOLERANCE, calibrated on the embedde
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from mistral.api import Model, from_tensors
 from mistral.checkpoint import Checkpoint
+from mistral.contract import REFERENCES, reference
 from mistral.errors import MistralError
 from mistral.taps import kind, layer
 
@@ -23,10 +24,11 @@ TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 # Fraction of tokens whose chosen experts may differ (near-ties flip in half precision).
 EXPERT_TOLERANCE = {"float32": 0.0, "float16": 0.05, "bfloat16": 0.1}
 COARSENESS = ["float32", "float16", "bfloat16"]
-REFERENCES = {"hf": ("torch", "HFReference"), "mlx-lm": ("mlx", "MlxLmReference")}
 
 
 class Side(Protocol):
+    """One side of a diff: one of our backends (OurSide) or an outside reference."""
+
     device: str
     dtype: str
 
@@ -38,7 +40,7 @@ class Side(Protocol):
 class OurSide:
     """One of our backends, seen through the same two calls as a reference."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: Model) -> None:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
 
@@ -56,16 +58,10 @@ def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
         raise MistralError(f"side {spec!r}: expected backend[:device[:dtype]]")
     backend, device, dtype = [*parts, None, None][:3]
     device, dtype = device or None, dtype or None
+    side: Side
     if backend in REFERENCES:
-        from mistral.backend import runtime
-
-        framework, cls = REFERENCES[backend]
-        runtime(framework)  # a clear error when the framework is missing
-        module = importlib.import_module(f"backends.{framework}.reference")
-        side: Side = getattr(module, cls)(ckpt.args, ckpt.tensors, device, dtype)
+        side = reference(backend, ckpt.args, ckpt.tensors, device, dtype)
     else:
-        from mistral.model import from_tensors
-
         side = OurSide(
             from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
         )

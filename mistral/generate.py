@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 
-from mistral.backend import Runner
 from mistral.cache import CacheBook, cache_size
+from mistral.contract import Cache, Runner
 from mistral.errors import MistralError
 from mistral.sampling import sample
 
@@ -43,9 +43,11 @@ class Session:
     def __init__(self, runner: Runner, batch: int, size: int) -> None:
         self.runner = runner
         self.book = CacheBook(batch, size, runner.args.sliding_window)
-        self.cache = runner.new_cache(batch, size)
+        self.cache: Cache = runner.new_cache(batch, size)
 
-    def feed(self, rows: list[list[int]], chunk_size: int | None, last_only: bool):
+    def feed(
+        self, rows: list[list[int]], chunk_size: int | None, last_only: bool
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
         """Feeds rows their new tokens (maybe none) in chunks; yields (seqlens, logits) each."""
         longest = max(len(r) for r in rows)
         chunk = longest if chunk_size is None else chunk_size
@@ -79,7 +81,7 @@ def stream(
     eos_id: int | None = None,
     chunk_size: int | None = None,
     session: Session | None = None,
-) -> Iterator[list[int | None]]:
+) -> Generator[list[int | None], None, None]:
     """Yields, per step, the new token of every row (None once a row has produced ``eos_id``)."""
     check_batch(prompts, runner.args.vocab_size)
     if max_tokens < 0:
@@ -107,13 +109,3 @@ def stream(
         rows = [[] if d else [int(t)] for t, d in zip(tokens, done, strict=True)]
         [(_, logits)] = session.feed(rows, None, last_only=True)
         last = np.where(done[:, None], last, logits)
-
-
-def generate(runner: Runner, prompts: list[list[int]], max_tokens: int, **kw) -> list[list[int]]:
-    """New token ids per row, stopping a row after ``eos_id`` (which is kept) or ``max_tokens``."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in stream(runner, prompts, max_tokens, **kw):
-        for b, t in enumerate(step):
-            if t is not None:
-                out[b].append(t)
-    return out

@@ -7,9 +7,8 @@ holds Mistral row 2i and HF row d/2 + i holds Mistral row 2i + 1.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -73,15 +72,14 @@ def from_hf_name(name: str) -> str | None:
 
 
 def permute_rows(t: RawTensor, n_heads: int, to_hf: bool) -> RawTensor:
-    """Reorders the rows of wq/wk between pair order (Mistral) and half order (HF); a lazy view."""
-    rows, cols = t.shape
+    """Reorders the rows of wq/wk between pair order (Mistral) and half order (HF), lazily."""
+    rows = t.shape[0]
     d = rows // n_heads
-    w = t.data.reshape(t.shape)
-    if to_hf:  # (H, d/2, 2, cols) -> (H, 2, d/2, cols)
-        w = w.reshape(n_heads, d // 2, 2, cols).transpose(0, 2, 1, 3)
-    else:  # (H, 2, d/2, cols) -> (H, d/2, 2, cols)
-        w = w.reshape(n_heads, 2, d // 2, cols).transpose(0, 2, 1, 3)
-    return RawTensor(t.dtype, t.shape, w)
+    if to_hf:  # HF row (h, half, i) is Mistral row (h, i, half)
+        order = np.arange(rows).reshape(n_heads, d // 2, 2).transpose(0, 2, 1)
+    else:  # Mistral row (h, i, half) is HF row (h, half, i)
+        order = np.arange(rows).reshape(n_heads, 2, d // 2).transpose(0, 2, 1)
+    return t.reorder_rows(order.reshape(-1))
 
 
 def halves_to_pairs(x: np.ndarray) -> np.ndarray:
@@ -160,7 +158,7 @@ def config_from_args(args: ModelArgs, dtype: str) -> dict[str, Any]:
 
 
 def tensors_from_hf(
-    args: ModelArgs, tensors: dict[str, RawTensor], source: str
+    args: ModelArgs, tensors: Mapping[str, RawTensor], source: str
 ) -> dict[str, RawTensor]:
     """Renames HF tensors to checkpoint keys and un-permutes wq/wk (lazily)."""
     quantized = [k for k in tensors if k.endswith((".scales", ".biases"))]
@@ -188,7 +186,7 @@ _SWITCH = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)
 _SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
-def unstack_experts(tensors: dict[str, RawTensor]) -> dict[str, RawTensor]:
+def unstack_experts(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
     """mlx-lm stores a Mixtral layer's experts stacked, (E, out, in), as switch_mlp: split them."""
     out = {}
     for name, t in tensors.items():
@@ -197,13 +195,12 @@ def unstack_experts(tensors: dict[str, RawTensor]) -> dict[str, RawTensor]:
             out[name] = t
             continue
         prefix, w = match.group(1), _SWITCH_NAMES[match.group(2)]
-        stacked = t.data.reshape(t.shape)
         for e in range(t.shape[0]):
-            out[f"{prefix}experts.{e}.{w}.weight"] = RawTensor(t.dtype, t.shape[1:], stacked[e])
+            out[f"{prefix}experts.{e}.{w}.weight"] = RawTensor(t.dtype, t.data[e])
     return out
 
 
-def tensors_to_hf(args: ModelArgs, tensors: dict[str, RawTensor]) -> dict[str, RawTensor]:
+def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
     """Checkpoint keys to HF names, permuting wq/wk rows into half order (lazily)."""
     out = {}
     for key, t in tensors.items():
@@ -213,11 +210,3 @@ def tensors_to_hf(args: ModelArgs, tensors: dict[str, RawTensor]) -> dict[str, R
             t = permute_rows(t, args.n_kv_heads, to_hf=True)
         out[to_hf_name(key)] = t
     return out
-
-
-def read_config(path: Path) -> ModelArgs:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MistralError(f"{path}: cannot read JSON ({e})") from None
-    return args_from_config(config, str(path))

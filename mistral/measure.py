@@ -1,13 +1,42 @@
-"""Measurement without a framework: CPU cores, cache and copy bandwidth, resident memory."""
+"""Measurement without a framework: timings, resident memory, CPU cores, cache and bandwidth."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+
+class Meter(Protocol):
+    """What a backend measures on one device and dtype, apart from inference (mistral bench).
+
+    Made before the model is built (to read what the process holds already); its products are
+    the ones the Linear layers of a model of the same shape use there."""
+
+    device: str
+    dtype: str
+    on_device: bool  # False where the process's resident memory stands in (CPUs, MPS)
+    products: str  # what the projections multiply with here (a name for reports)
+
+    def reset_peak(self) -> None: ...
+
+    def peak(self) -> int: ...
+
+    def held(self) -> int: ...
+
+    def copy_bandwidth(self) -> float: ...
+
+    def matmul_throughput(self) -> float: ...
 
 
 def cpu_cores() -> int:
@@ -47,3 +76,94 @@ def cpu_cache_bytes() -> int:
         if digits.isdigit():
             sizes.append(int(digits) * scale)
     return max(sizes, default=0)
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+    peak_bytes: int
+
+
+class ResidentMemory:
+    """Peak resident memory of this process over a block.
+
+    On Linux the kernel keeps the high-water mark (VmHWM), reset by writing 5 to clear_refs, so
+    nothing runs beside the measured code. Elsewhere a thread samples every few milliseconds."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _status(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    @staticmethod
+    def _reset_high_water_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def current() -> int:
+        rss = ResidentMemory._status("VmRSS")
+        if rss is not None:
+            return rss
+        import resource  # no /proc (macOS): the lifetime maximum is all there is
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> ResidentMemory:
+        self.peak = self.current()
+        if not (self._reset_high_water_mark() and self._status("VmHWM") is not None):
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, self._status("VmHWM") or 0, self.current())
+
+
+def held_now(meter: Meter) -> int:
+    """What the process holds now: device memory, or on a CPU resident memory once the heap has
+    given freed pages back (so one implementation's garbage is not the next one's baseline)."""
+    if meter.on_device:
+        return meter.held()
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):  # glibc; elsewhere nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+    return ResidentMemory.current()
+
+
+def timed_run(meter: Meter, prefill: Callable[[], object], decode: Callable[[], object]) -> Timing:
+    """Times one generation run, prefill (to the first token) then decode, with the peak memory
+    over both: the device's peak, or on a CPU the process's resident peak."""
+    with ResidentMemory() as rss:
+        meter.reset_peak()
+        start = time.perf_counter()
+        prefill()
+        first = time.perf_counter()
+        decode()
+        end = time.perf_counter()
+    return Timing(first - start, end - first, meter.peak() if meter.on_device else rss.peak)

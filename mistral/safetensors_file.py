@@ -62,7 +62,7 @@ def read_tensors(path: str | Path) -> dict[str, RawTensor]:
         if end > data_len or begin > end or end - begin != count * np.dtype(np_type).itemsize:
             raise MistralError(f"{path}: truncated or corrupt data for {name}")
         data = mm[begin:end].view(np_type) if count else np.empty(0, np_type)
-        out[name] = RawTensor(dtype, shape, data)
+        out[name] = RawTensor(dtype, data.reshape(shape))
     return out
 
 

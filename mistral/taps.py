@@ -8,6 +8,8 @@ after the block. Around them: the embeddings, the final norm and the logits. One
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
 
 from mistral.args import ModelArgs
@@ -24,6 +26,24 @@ LAYER_TAPS = (
     "residual",
 )
 MOE_ONLY = ("router_logits", "experts")
+
+X = TypeVar("X")
+
+
+class Recorder:
+    """The taps of one layer (or of the model around the layers), bound at construction.
+
+    Off (``store`` None) it only returns what it is given; a trace switches every recorder of a
+    model on with the same dict, and each records under its own prefix ("layers.3.")."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.store: dict[str, Any] | None = None
+
+    def __call__(self, name: str, x: X) -> X:
+        if self.store is not None:
+            self.store[self.prefix + name] = x
+        return x
 
 
 def tap_names(args: ModelArgs) -> list[str]:

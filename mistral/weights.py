@@ -18,21 +18,46 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor without a framework: ``data`` is a numpy view (bfloat16 as uint16 bits)."""
+    """A tensor without a framework, in ``dtype`` (numpy has no bfloat16: its uint16 bits).
+
+    ``data`` is always a numpy array of exactly ``shape``. Where the file stores the tensor as it
+    is, that is ``source`` itself, memory-mapped and never read at load. Where a layout stores the
+    rows in another order (Hugging Face's wq/wk), ``rows`` gives the order and ``data`` is gathered
+    when asked for, so a folder is still read and converted one tensor at a time."""
 
     dtype: str
-    shape: tuple[int, ...]
-    data: np.ndarray
+    source: np.ndarray
+    rows: np.ndarray | None = None  # data = source[rows]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MistralError(f"unsupported dtype {self.dtype}; use one of {', '.join(DTYPES)}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.source if self.rows is None else self.source[self.rows]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.source.nbytes)
+
+    def reorder_rows(self, order: np.ndarray) -> RawTensor:
+        """The tensor whose row r is this one's row order[r]; lazy, and a plain view again when
+        two reorderings cancel out."""
+        rows = order if self.rows is None else self.rows[order]
+        if (rows == np.arange(len(rows))).all():
+            return RawTensor(self.dtype, self.source)
+        return RawTensor(self.dtype, self.source, rows)
 
     def to_numpy(self) -> np.ndarray:
         """A float32 copy (exact: every supported dtype widens losslessly)."""
         if self.dtype == "bfloat16":
-            return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
-        return self.data.astype(np.float32).reshape(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
+            return (self.data.astype(np.uint32) << 16).view(np.float32)
+        return self.data.astype(np.float32)
 
 
 def from_numpy(a: np.ndarray, dtype: str | None = None) -> RawTensor:
@@ -41,10 +66,10 @@ def from_numpy(a: np.ndarray, dtype: str | None = None) -> RawTensor:
     if dtype == "bfloat16":
         bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
-        return RawTensor("bfloat16", tuple(a.shape), rounded.astype(np.uint16))
+        return RawTensor("bfloat16", rounded.astype(np.uint16))
     if dtype not in DTYPES:
         raise MistralError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
-    return RawTensor(dtype, tuple(a.shape), np.ascontiguousarray(a, dtype=dtype))
+    return RawTensor(dtype, np.ascontiguousarray(a, dtype=dtype))
 
 
 def cast(t: RawTensor, dtype: str | None) -> RawTensor:
@@ -103,6 +128,15 @@ def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source
             problems.append(f"{label}: {shown}")
     if problems:
         raise MistralError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def linear_bytes(args: ModelArgs, itemsize: int) -> int:
+    """The bytes of every projection's weight (all but the embedding table and the norms): what
+    decides whether a CPU reads them from its cache."""
+    shapes = expected_shapes(args)
+    return itemsize * sum(
+        int(np.prod(shape)) for name, shape in shapes.items() if len(shape) == 2
+    ) - itemsize * int(np.prod(shapes["tok_embeddings.weight"]))
 
 
 def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> dict[str, RawTensor]:

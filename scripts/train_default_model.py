@@ -2,7 +2,7 @@
 
 The text comes from Debian's bible-kjv package (``apt-get install bible-kjv``), printed whole by
 ``bible -f gen1:1-rev22:21``. The model is the project's own PyTorch Transformer, trained with a
-plain causal objective through the same planner and rotating cache used for inference (one
+plain causal objective, run without a cache through the same planner's masks as inference (one
 "new"-layout step per batch), so what is trained is exactly what runs.
 
     python scripts/train_default_model.py --minutes 20 --out mistral/default_model
@@ -24,11 +24,11 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from backends.torch.cache import RotatingCache, Step
+from backends.torch.cache import Step
 from backends.torch.model import Transformer
 from mistral.args import ModelArgs
-from mistral.cache import CacheBook
-from mistral.checkpoint import write_mistral_folder
+from mistral.cache import plan_prefill
+from mistral.checkpoint import write_checkpoint
 from mistral.rope import inv_frequencies
 from mistral.weights import from_numpy
 
@@ -87,19 +87,9 @@ def train_tokenizer(chapters: list[str], out: Path) -> spm.SentencePieceProcesso
 
 
 def forward(model: Transformer, tokens: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """A first-prefill step through the shared planner: (B, T) -> (B, T, V) logits."""
+    """An uncached forward through the shared planner's mask: (B, T) -> (B, T, V) logits."""
     B, T = tokens.shape
-    plan = CacheBook(B, ARGS.sliding_window, ARGS.sliding_window).step([T] * B)
-    cache = RotatingCache(
-        ARGS.n_layers,
-        B,
-        ARGS.sliding_window,
-        ARGS.n_kv_heads,
-        ARGS.head_dim,
-        torch.float32,
-        tokens.device,
-    )
-    return model(tokens, cache, Step.from_plan(plan, inv_freq))
+    return model(tokens, Step.from_plan(plan_prefill([T] * B, ARGS.sliding_window), inv_freq))
 
 
 def main() -> None:
@@ -167,7 +157,7 @@ def main() -> None:
         )
     print(f"held-out loss {val.item():.3f} after {step} steps")
     tensors = {k: from_numpy(v.detach().numpy(), "bfloat16") for k, v in model.state_dict().items()}
-    write_mistral_folder(opt.out, ARGS, tensors)
+    write_checkpoint(opt.out, "mistral", ARGS, tensors)
     (opt.out / "TRAINING.json").write_text(
         json.dumps(
             {

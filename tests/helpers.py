@@ -9,7 +9,7 @@ import numpy as np
 from mistral.args import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "mistral" / "configs"  # mistral.checkpoint.CONFIGS
 
 
 def tiny(name: str) -> ModelArgs:
@@ -84,10 +84,10 @@ def save_hf(model, path: Path) -> Path:
 
 def hf_to_mistral_folder(hf_dir: Path, out: Path) -> Path:
     """Reads an HF folder with our reader (un-permuting wq/wk) and writes Mistral's layout."""
-    from mistral.checkpoint import read_checkpoint, write_mistral_folder
+    from mistral.checkpoint import read_checkpoint, write_checkpoint
 
     ckpt = read_checkpoint(hf_dir)
-    write_mistral_folder(out, ckpt.args, ckpt.tensors)
+    write_checkpoint(out, "mistral", ckpt.args, ckpt.tensors)
     return out
 
 

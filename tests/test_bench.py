@@ -92,7 +92,7 @@ def test_prefill_flops_count_what_a_prefill_computes(config):
                 macs = macs * args.moe.num_experts_per_tok / args.moe.num_experts
             per_token += macs
     prompt = 3 * (args.sliding_window or 10)  # past the window when there is one
-    plan, _ = plan_prefill(prompt, args.sliding_window)
+    plan = plan_prefill([prompt], args.sliding_window)
     seen = int(plan.mask.sum())  # (query, key) pairs attention computes
     attention = 2 * args.n_heads * args.head_dim * seen  # QK^T and AV
     macs = args.n_layers * (prompt * per_token + attention) + args.dim * args.vocab_size
@@ -138,16 +138,14 @@ def test_implementations_take_turns_each_round():
 def test_cpu_bandwidth_is_the_machines(monkeypatch):
     """On a CPU both runners report the same numpy copy on every core, not their framework's own
     copy (MLX's runs on one thread and put decode at "127% of the bound")."""
-    import mlx.core as mx
-    import torch
-
-    import backends.mlx.runtime as mlx_runtime
-    import backends.torch.runtime as torch_runtime
-    from mistral.backend import cpu_copy_bandwidth
+    import backends.mlx.measure as mlx_measure
+    import backends.torch.measure as torch_measure
+    from mistral.measure import cpu_copy_bandwidth
 
     bandwidth = cpu_copy_bandwidth(8 * 2**20)
     assert math.isfinite(bandwidth) and bandwidth > 1e8  # any machine moves 100 MB/s
-    for runtime in (torch_runtime, mlx_runtime):
-        monkeypatch.setattr(runtime, "cpu_copy_bandwidth", lambda nbytes: 12345.0)
-    assert torch_runtime.copy_bandwidth(torch.device("cpu")) == 12345.0
-    assert mlx_runtime.copy_bandwidth(mx.cpu) == 12345.0
+    for module in (torch_measure, mlx_measure):
+        monkeypatch.setattr(module, "cpu_copy_bandwidth", lambda nbytes: 12345.0)
+    args = tiny("tiny-dense")
+    assert torch_measure.Meter(args, "cpu", None).copy_bandwidth() == 12345.0
+    assert mlx_measure.Meter(args, "cpu", None).copy_bandwidth() == 12345.0

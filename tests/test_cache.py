@@ -21,14 +21,14 @@ class Emulated:
     def step(self, plan) -> np.ndarray:
         """Reads keys where the plan says, stores where it says; returns key positions it read."""
         new = np.where(plan.valid, plan.positions, -1)
-        if plan.keys == "new":
+        if plan.key_layout == "new":
             keys = new
-        elif plan.keys == "cache+new":
+        elif plan.key_layout == "cache+new":
             keys = np.concatenate([self.buf, new], axis=1)
         self.buf[plan.store_rows, plan.store_slots] = plan.positions[
             plan.store_rows, plan.store_cols
         ]
-        if plan.keys == "cache":
+        if plan.key_layout == "cache":
             keys = self.buf.copy()
         return keys
 
@@ -40,7 +40,7 @@ def check_steps(batch: int, size: int, window: int | None, steps: list[list[int]
     layouts = set()
     for seqlens in steps:
         plan = book.step(seqlens)
-        layouts.add(plan.keys)
+        layouts.add(plan.key_layout)
         keys = fake.step(plan)
         np.testing.assert_array_equal(keys, plan.key_positions)
         for b, n in enumerate(seqlens):
@@ -65,7 +65,7 @@ def test_worked_example_of_the_docstring():
     book.step([6])
     np.testing.assert_array_equal(book.slot_pos, [[4, 5, 2, 3]])
     plan = book.step([3])
-    assert plan.keys == "cache+new"
+    assert plan.key_layout == "cache+new"
     np.testing.assert_array_equal(plan.key_positions, [[4, 5, 2, 3, 6, 7, 8]])
     np.testing.assert_array_equal(
         plan.mask[0].astype(int),

@@ -16,7 +16,8 @@ def model_for(tokenizer: Tokenizer, window: int | None, backend: str = "torch"):
     args = dataclasses.replace(
         tiny("tiny-window"), vocab_size=tokenizer.vocab_size, sliding_window=window
     )
-    return mistral.from_tensors(args, random_weights(args, seed=2), backend, device="cpu")
+    weights = random_weights(args, seed=2)
+    return mistral.from_tensors(args, weights, backend, device="cpu", tokenizer=tokenizer)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ TURNS = ["Tell me of the sea.", "And of the rivers?", "Thank you; one more word.
 def test_each_answer_equals_a_fresh_greedy_run(backend, name, system, window):
     tok = Tokenizer(mistral_common_file(name))
     model = model_for(tok, window, backend)
-    chat = Chat(model, tok, system=system)
+    chat = Chat(model, system=system)
     for text in TURNS:
         answer = "".join(chat.reply(text, max_tokens=12))
         prompt = encode_chat(tok, chat.messages[:-1], system)
@@ -54,7 +55,7 @@ def test_each_answer_equals_a_fresh_greedy_run(backend, name, system, window):
 
 def test_only_new_tokens_are_fed_when_the_prompt_only_grows(fed):
     tok = Tokenizer(mistral_common_file(V1))  # v1 puts the system prompt in the first turn
-    chat = Chat(model_for(tok, None), tok, system="Be brief.")
+    chat = Chat(model_for(tok, None), system="Be brief.")
     total = 0
     for text in TURNS:
         before = len(chat.fed)
@@ -68,7 +69,7 @@ def test_only_new_tokens_are_fed_when_the_prompt_only_grows(fed):
 
 def test_v3_system_prompt_moves_and_the_cache_rewinds(fed):
     tok = Tokenizer(mistral_common_file(V3))  # v3 puts the system prompt in the last turn
-    chat = Chat(model_for(tok, None), tok, system="Be brief.")
+    chat = Chat(model_for(tok, None), system="Be brief.")
     list(chat.reply(TURNS[0], max_tokens=5))
     fed.clear()
     list(chat.reply(TURNS[1], max_tokens=5))
@@ -80,7 +81,7 @@ def test_v3_system_prompt_moves_and_the_cache_rewinds(fed):
 def test_stopping_an_answer_keeps_the_session_consistent():
     tok = Tokenizer(mistral_common_file(V1))
     model = model_for(tok, 16)
-    chat = Chat(model, tok)
+    chat = Chat(model)
     answer = chat.reply(TURNS[0], max_tokens=30)
     next(answer), next(answer)
     answer.close()  # what Ctrl-C does to the answer being printed

@@ -146,21 +146,25 @@ def test_backend_files_stay_twins(name, threshold):
 
 
 def test_taps_cost_nothing_when_off(monkeypatch):
-    """Without tracing no tap is stored: the forward keeps no reference to intermediates."""
+    """Without tracing no tap is stored: the forward keeps no reference to intermediates, and a
+    trace switches the recorders back off when it is done."""
     args = tiny("tiny-moe")
     c = ckpt(args, random_weights(args, seed=8))
     _, side = load_side("torch:cpu:float32", c)
-    runner = side.model.runner
-    from backends.torch.cache import Step
+    from mistral.taps import Recorder
 
     seen = []
-    original = Step.tap
+    original = Recorder.__call__
 
-    def spy(self, layer, name, x):
-        seen.append(self.taps)
-        return original(self, layer, name, x)
+    def spy(self, name, x):
+        seen.append(self.store)
+        return original(self, name, x)
 
-    monkeypatch.setattr(Step, "tap", spy)
+    monkeypatch.setattr(Recorder, "__call__", spy)
+    side.model.logits([[1, 2, 3]])
+    assert len(seen) == len(tap_names(args)) and all(t is None for t in seen)
+    side.model.trace([1, 2, 3])
+    seen.clear()
     side.model.logits([[1, 2, 3]])
     assert seen and all(t is None for t in seen)
-    assert runner.model.training is False
+    assert side.model.runner.model.training is False

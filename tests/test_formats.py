@@ -214,11 +214,14 @@ def test_quantized_mlx_lm_folders_are_refused(tmp_path):
 
 
 def test_permutation_is_a_view_not_a_copy():
-    t = RawTensor("float32", (8, 4), np.arange(32, dtype=np.float32))
+    t = RawTensor("float32", np.arange(32, dtype=np.float32).reshape(8, 4))
     from mistral.hf import permute_rows
 
     p = permute_rows(t, 2, to_hf=True)
-    assert np.shares_memory(p.data, t.data)
+    assert p.source is t.source and p.data.shape == t.shape  # rows gathered only when asked
+    assert np.array_equal(p.data[:, 0], [0, 8, 4, 12, 16, 24, 20, 28])  # per head: evens, odds
+    back = permute_rows(p, 2, to_hf=False)
+    assert back.rows is None and back.data is t.source  # a plain view again
 
 
 def test_a_dtype_the_device_cannot_run_is_refused(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import mistral
 import mistral.generate
 from mistral import MistralError
 from mistral.cache import CacheBook, StepPlan
-from mistral.checkpoint import write_mistral_folder
+from mistral.checkpoint import write_checkpoint
 from mistral.weights import random_weights
 from tests.helpers import ROOT, max_diff, mlx_lm_logits, mlx_lm_model, random_rows, tiny
 
@@ -97,7 +97,7 @@ class ShuffledBook(CacheBook):
         perm = np.roll(np.arange(self.size), 3)[::-1].copy()  # slot s -> perm[s]
         inverse = np.argsort(perm)
         key_pos, mask = plan.key_positions, plan.mask
-        if plan.keys != "new":  # the first S key columns are slots: move column s to perm[s]
+        if plan.key_layout != "new":  # the first S key columns are slots: move column s to perm[s]
             S = self.size
             key_pos = np.concatenate([key_pos[:, :S][:, inverse], key_pos[:, S:]], axis=1)
             mask = np.concatenate([mask[..., :S][..., inverse], mask[..., S:]], axis=-1)
@@ -107,7 +107,7 @@ class ShuffledBook(CacheBook):
             store_rows=plan.store_rows,
             store_cols=plan.store_cols,
             store_slots=perm[plan.store_slots],
-            keys=plan.keys,
+            key_layout=plan.key_layout,
             mask=mask,
             key_positions=key_pos,
             lengths=plan.lengths,
@@ -135,12 +135,12 @@ def test_backends_hold_no_bookkeeping_of_their_own():
 
 def test_reads_safetensors_and_refuses_unknown_devices(tmp_path):
     args = tiny("tiny-dense")
-    write_mistral_folder(tmp_path, args, random_weights(args, dtype="bfloat16"))
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args, dtype="bfloat16"))
     m = mistral.load(tmp_path, backend="mlx", device="cpu", dtype="float32")
     assert m.backend == "mlx" and m.device == "cpu"
     with pytest.raises(MistralError, match="unknown MLX device"):
         mistral.load(tmp_path, backend="mlx", device="cuda")
-    from backends.mlx.runtime import gpu_available
+    from backends.mlx.runner import gpu_available
 
     if gpu_available():
         assert mistral.load(tmp_path, backend="mlx", device="gpu").device == "gpu"
@@ -176,15 +176,15 @@ def test_cpu_products_use_every_core_and_give_the_same_bits(monkeypatch):
 
     import mlx.core as mx
 
-    import backends.mlx.runtime as runtime
+    import backends.mlx.kernels as kernels
+    from backends.mlx.kernels import SplitRows
     from backends.mlx.model import Linear
-    from backends.mlx.runtime import SplitRows
-    from mistral.backend import cpu_cache_bytes, cpu_cores
+    from mistral.measure import cpu_cache_bytes, cpu_cores
 
     big = cpu_cache_bytes() + 1
-    assert runtime.cpu_streams(mx.gpu, big) == []
-    assert runtime.cpu_streams(mx.cpu, big - 1) == []  # read from the cache
-    streams = runtime.cpu_streams(mx.cpu, big)
+    assert kernels.cpu_streams(mx.gpu, big) == []
+    assert kernels.cpu_streams(mx.cpu, big - 1) == []  # read from the cache
+    streams = kernels.cpu_streams(mx.cpu, big)
     splits = platform.system() != "Darwin" and cpu_cores() > 1
     assert len(streams) == (cpu_cores() if splits else 0)
     streams = streams or [mx.new_stream(mx.cpu) for _ in range(2)]
@@ -215,7 +215,7 @@ def test_cpu_products_use_every_core_and_give_the_same_bits(monkeypatch):
 
     small = linears(mistral.from_tensors(args, weights, backend="mlx", device="cpu"))
     assert len(small) == 7 * args.n_layers + 1 and all(m.kernel is None for m in small)
-    monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
+    monkeypatch.setattr(kernels, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
     model = mistral.from_tensors(args, weights, backend="mlx", device="cpu")
     split = linears(model)
     if splits:

@@ -8,8 +8,8 @@ import pytest
 
 import mistral
 from mistral import MistralError
-from mistral.checkpoint import write_mistral_folder
-from mistral.weights import random_weights
+from mistral.checkpoint import write_checkpoint
+from mistral.weights import RawTensor, random_weights
 from tests.helpers import (
     ROOT,
     hf_greedy,
@@ -105,7 +105,7 @@ def test_pth_checkpoint_loads_like_safetensors(tmp_path):
 
     args = tiny("tiny-window")
     weights = random_weights(args, seed=2, dtype="bfloat16")
-    write_mistral_folder(tmp_path / "st", args, weights)
+    write_checkpoint(tmp_path / "st", "mistral", args, weights)
     (tmp_path / "pth").mkdir()
     (tmp_path / "pth" / "params.json").write_text((tmp_path / "st" / "params.json").read_text())
     state = {
@@ -152,10 +152,8 @@ def test_checkpoint_problems_are_listed(tmp_path):
     weights = random_weights(args)
     weights.pop("layers.1.attention.wk.weight")
     weights["layers.0.extra.weight"] = weights["norm.weight"]
-    weights["output.weight"] = weights["tok_embeddings.weight"].__class__(
-        "float32", (3, 64), np.zeros(192, np.float32)
-    )
-    write_mistral_folder(tmp_path, args, weights)
+    weights["output.weight"] = RawTensor("float32", np.zeros((3, 64), np.float32))
+    write_checkpoint(tmp_path, "mistral", args, weights)
     with pytest.raises(MistralError) as e:
         mistral.load(tmp_path, device="cpu")
     msg = str(e.value)
@@ -176,10 +174,10 @@ def test_compiled_decode_step_gives_the_same_logits(monkeypatch, config, outgrow
     """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA); MoE
     layers then gather their chosen experts instead of looping with host syncs. With weights
     taken as larger than the CPU cache, the products are the oneDNN op (on x86), compiled too."""
-    import backends.torch.runtime as runtime
+    import backends.torch.kernels as kernels
 
     if outgrown:
-        monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)
+        monkeypatch.setattr(kernels, "cpu_cache_bytes", lambda: 0)
     args = tiny(config)
     weights = random_weights(args, seed=12)
     eager = mistral.from_tensors(args, weights, device="cpu")
@@ -203,19 +201,19 @@ def test_cpu_float32_products_go_to_onednn(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    import backends.torch.runtime as runtime
+    import backends.torch.kernels as kernels
     from backends.torch.model import Linear
-    from mistral.backend import cpu_cache_bytes
+    from mistral.measure import cpu_cache_bytes
 
     cpu, big = torch.device("cpu"), cpu_cache_bytes() + 1
-    assert runtime.linear_kernel(cpu, torch.bfloat16, big) is None
-    assert runtime.linear_kernel(torch.device("meta"), torch.float32, big) is None
-    assert runtime.linear_kernel(cpu, torch.float32, big - 1) is None  # read from the cache
-    kernel = runtime.linear_kernel(cpu, torch.float32, big)
+    assert kernels.linear_kernel(cpu, torch.bfloat16, big) is None
+    assert kernels.linear_kernel(torch.device("meta"), torch.float32, big) is None
+    assert kernels.linear_kernel(cpu, torch.float32, big - 1) is None  # read from the cache
+    kernel = kernels.linear_kernel(cpu, torch.float32, big)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         assert kernel is None
         return
-    assert kernel is runtime.onednn_linear()
+    assert kernel is kernels.onednn_linear()
     for x_shape, rows in [((1, 1, 512), 1537), ((2, 37, 64), 96), ((3, 64), 5)]:
         x, w = torch.randn(x_shape), torch.randn(rows, x_shape[-1])
         # The same products summed in another order: float32 rounding apart, relative to the
@@ -232,9 +230,9 @@ def test_cpu_float32_products_go_to_onednn(monkeypatch):
 
     small = linears(mistral.from_tensors(args, weights, device="cpu"))
     assert len(small) == 7 * args.n_layers + 1 and all(m.kernel is None for m in small)
-    monkeypatch.setattr(runtime, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
+    monkeypatch.setattr(kernels, "cpu_cache_bytes", lambda: 0)  # as if the weights outgrew it
     model = mistral.from_tensors(args, weights, device="cpu")
-    assert all(m.kernel is runtime.onednn_linear() for m in linears(model))
+    assert all(m.kernel is kernels.onednn_linear() for m in linears(model))
     rows = random_rows([20, 5], args.vocab_size, 2)
     assert max_diff(model.logits(rows), mistral.from_tensors(args, weights).logits(rows)) <= 1e-5
 

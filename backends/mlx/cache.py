@@ -1,4 +1,4 @@
-"""The rotating KV cache in MLX: it stores and reads where the shared plan says."""
+"""The plan of one step on the device, and one layer's rotating KV cache, in MLX."""
 
 from __future__ import annotations
 
@@ -14,19 +14,13 @@ from mistral.cache import KeyLayout, StepPlan
 class Step:
     """A StepPlan on the device, made once per forward and shared by every layer."""
 
-    keys: KeyLayout
+    key_layout: KeyLayout
     offsets: mx.array  # (B,) int32, position of each row's first new token (RoPE offset)
     freqs: mx.array  # (D/2,) float32, RoPE period of each pair (1 / inverse frequency)
     mask: mx.array  # (B, 1, T, K) bool, broadcast over heads
     rows: mx.array  # (M,) int32
     cols: mx.array  # (M,) int32
     slots: mx.array  # (M,) int32
-    taps: dict[str, mx.array] | None = None  # filled by the forward only when tracing
-
-    def tap(self, layer: int | None, name: str, x: mx.array) -> None:
-        """Records x as a named tap (mistral.taps) when tracing; otherwise does nothing."""
-        if self.taps is not None:
-            self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
     def from_plan(cls, plan: StepPlan, freqs: mx.array) -> Step:
@@ -36,7 +30,7 @@ class Step:
             return mx.array(a.astype(np.int32) if a.dtype == np.int64 else a)
 
         return cls(
-            keys=plan.keys,
+            key_layout=plan.key_layout,
             offsets=put(plan.lengths),
             freqs=freqs,
             mask=put(plan.mask)[:, None],
@@ -46,32 +40,31 @@ class Step:
         )
 
 
-class RotatingCache:
-    """Keys and values of every layer, (B, Hkv, S, D) each, preallocated once."""
+class LayerCache:
+    """One layer's keys and values, (B, Hkv, S, D) each, preallocated once."""
 
     def __init__(
         self,
-        n_layers: int,
         batch: int,
         size: int,
         n_kv_heads: int,
         head_dim: int,
-        dtype: mx.Dtype,
+        like: mx.array,  # takes its dtype
     ) -> None:
         shape = (batch, n_kv_heads, size, head_dim)
-        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(n_layers)]
+        self.k = mx.zeros(shape, dtype=like.dtype)
+        self.v = mx.zeros(shape, dtype=like.dtype)
 
-    def update(self, layer: int, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
+    def update(self, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
         """Stores new (B, Hkv, T, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""
-        cache_k, cache_v = self.k[layer], self.v[layer]  # (B, Hkv, S, D)
-        if step.keys == "new":
+        cache_k, cache_v = self.k, self.v  # (B, Hkv, S, D)
+        if step.key_layout == "new":
             keys, values = k, v
-        elif step.keys == "cache+new":  # read the old slots before this chunk overwrites them
+        elif step.key_layout == "cache+new":  # read the old slots before this chunk overwrites them
             keys = mx.concatenate([cache_k, k], axis=2)
             values = mx.concatenate([cache_v, v], axis=2)
         cache_k[step.rows, :, step.slots] = k[step.rows, :, step.cols]  # (M, Hkv, D)
         cache_v[step.rows, :, step.slots] = v[step.rows, :, step.cols]
-        if step.keys == "cache":
+        if step.key_layout == "cache":
             keys, values = cache_k, cache_v
         return keys, values

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from backends.mlx.cache import RotatingCache, Step
+from backends.mlx.cache import LayerCache, Step
 from mistral.args import ModelArgs
+from mistral.taps import Recorder
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +45,7 @@ def rope(x: mx.array, step: Step) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tap: Recorder) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
@@ -54,24 +55,22 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.tap = tap
 
-    def __call__(
-        self,
-        x: mx.array,
-        cache: RotatingCache,
-        layer: int,
-        step: Step,
-    ) -> mx.array:
+    def new_cache(self, batch: int, size: int) -> LayerCache:
+        return LayerCache(batch, size, self.n_kv_heads, self.head_dim, like=self.wk.weight)
+
+    def __call__(self, x: mx.array, step: Step, cache: LayerCache | None) -> mx.array:
         B, T, _ = x.shape
         # q: (B, H, T, D); k, v: (B, Hkv, T, D)
         q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim).swapaxes(1, 2)
         k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
         v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
-        q, k = rope(q, step), rope(k, step)
-        step.tap(layer, "q", q)  # (B, H, T, D)
-        step.tap(layer, "k", k)
+        q = self.tap("q", rope(q, step))  # (B, H, T, D)
+        k = self.tap("k", rope(k, step))
 
-        keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
+        # Without a cache the step attends over the new tokens alone.
+        keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
         out = mx.fast.scaled_dot_product_attention(
             q, keys, values, mask=step.mask, scale=self.scale
@@ -86,12 +85,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.hidden_dim, args.dim)
         self.w3 = Linear(args.dim, args.hidden_dim)
 
-    def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
+    def __call__(self, x: mx.array) -> mx.array:
         return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
 
 class MoeLayer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tap: Recorder) -> None:
         super().__init__()
         assert args.moe is not None
         self.num_experts_per_tok = args.moe.num_experts_per_tok
@@ -99,17 +98,16 @@ class MoeLayer(nn.Module):
         self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
         # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
         self.stacked: tuple[mx.array, mx.array, mx.array] | None = None
+        self.tap = tap
 
-    def __call__(self, x: mx.array, step: Step | None = None, layer: int = 0) -> mx.array:
+    def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        logits = self.gate(x)  # (N, E)
+        logits = self.tap("router_logits", self.gate(x))  # (N, E)
         k = self.num_experts_per_tok
         chosen = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]  # (N, k), in no order
         weights = mx.take_along_axis(logits, chosen, axis=-1)  # (N, k)
-        if step is not None:
-            step.tap(layer, "router_logits", logits)
-            step.tap(layer, "experts", chosen)
+        self.tap("experts", chosen)
         weights = mx.softmax(weights.astype(mx.float32), axis=-1).astype(x.dtype)
         if self.stacked is not None:
             # Only the chosen experts' weights are read, with no host sync (any number of rows).
@@ -130,32 +128,19 @@ class MoeLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.attention = Attention(args)
+        self.tap = Recorder(f"layers.{layer}.")
+        self.attention = Attention(args, self.tap)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args)
+        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args, self.tap)
 
-    def __call__(
-        self,
-        x: mx.array,
-        cache: RotatingCache,
-        layer: int,
-        step: Step,
-    ) -> mx.array:
-        x_norm = self.attention_norm(x)
-        step.tap(layer, "attention_norm", x_norm)
-        attn = self.attention(x_norm, cache, layer, step)
-        step.tap(layer, "attention", attn)
-        h = x + attn
-        h_norm = self.ffn_norm(h)
-        step.tap(layer, "ffn_norm", h_norm)
-        ffn = self.feed_forward(h_norm, step, layer)
-        step.tap(layer, "feed_forward", ffn)
-        out = h + ffn
-        step.tap(layer, "residual", out)
-        return out
+    def __call__(self, x: mx.array, step: Step, cache: LayerCache | None) -> mx.array:
+        x_norm = self.tap("attention_norm", self.attention_norm(x))
+        h = x + self.tap("attention", self.attention(x_norm, step, cache))
+        h_norm = self.tap("ffn_norm", self.ffn_norm(h))
+        return self.tap("residual", h + self.tap("feed_forward", self.feed_forward(h_norm)))
 
 
 class Transformer(nn.Module):
@@ -163,23 +148,29 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        self.layers = [TransformerBlock(args, i) for i in range(args.n_layers)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+        self.tap = Recorder()
+
+    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
+        return [layer.attention.new_cache(batch, size) for layer in self.layers]
+
+    def recorders(self) -> Iterator[Recorder]:
+        yield self.tap
+        yield from (layer.tap for layer in self.layers)
 
     def __call__(
         self,
         tokens: mx.array,  # (B, T)
-        cache: RotatingCache,
         step: Step,
+        cache: list[LayerCache] | None = None,
         last: mx.array | None = None,  # (B,) index of the one position per row to project
     ) -> mx.array:
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        step.tap(None, "embeddings", h)
+        h = self.tap("embeddings", self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache, i, step)
+            h = layer(h, step, None if cache is None else cache[i])
         if last is not None:
             h = h[mx.arange(h.shape[0]), last][:, None]  # (B, 1, dim)
-        h = self.norm(h)
-        step.tap(None, "norm", h)
-        return self.output(h).astype(mx.float32)  # (B, T, V) float32 logits
+        h = self.tap("norm", self.norm(h))
+        return self.tap("logits", self.output(h).astype(mx.float32))  # (B, T, V) float32 logits

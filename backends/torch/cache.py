@@ -1,4 +1,4 @@
-"""The rotating KV cache in PyTorch: it stores and reads where the shared plan says."""
+"""The plan of one step on the device, and one layer's rotating KV cache, in PyTorch."""
 
 from __future__ import annotations
 
@@ -14,18 +14,12 @@ from mistral.cache import KeyLayout, StepPlan
 class Step:
     """A StepPlan on the device, made once per forward and shared by every layer."""
 
-    keys: KeyLayout
+    key_layout: KeyLayout
     rotation: torch.Tensor  # (B, 1, T, D/2) complex64: e^(i * angle) per new token and pair
     mask: torch.Tensor  # (B, 1, T, K) bool, broadcast over heads
     rows: torch.Tensor  # (M,) int64
     cols: torch.Tensor  # (M,) int64
     slots: torch.Tensor  # (M,) int64
-    taps: dict[str, torch.Tensor] | None = None  # filled by the forward only when tracing
-
-    def tap(self, layer: int | None, name: str, x: torch.Tensor) -> None:
-        """Records x as a named tap (mistral.taps) when tracing; otherwise does nothing."""
-        if self.taps is not None:
-            self.taps[name if layer is None else f"layers.{layer}.{name}"] = x
 
     @classmethod
     def from_plan(cls, plan: StepPlan, inv_freq: torch.Tensor) -> Step:
@@ -37,7 +31,7 @@ class Step:
 
         angles = put(plan.positions)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
         return cls(
-            keys=plan.keys,
+            key_layout=plan.key_layout,
             rotation=torch.polar(torch.ones_like(angles), angles),
             mask=put(plan.mask)[:, None],
             rows=put(plan.store_rows),
@@ -46,35 +40,33 @@ class Step:
         )
 
 
-class RotatingCache:
-    """Keys and values of every layer, (B, Hkv, S, D) each, preallocated once."""
+class LayerCache:
+    """One layer's keys and values, (B, Hkv, S, D) each, preallocated once."""
 
     def __init__(
         self,
-        n_layers: int,
         batch: int,
         size: int,
         n_kv_heads: int,
         head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        like: torch.Tensor,  # takes its dtype and device
     ) -> None:
         shape = (batch, n_kv_heads, size, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, step: Step
+        self, k: torch.Tensor, v: torch.Tensor, step: Step
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores new (B, Hkv, T, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""
-        cache_k, cache_v = self.k[layer], self.v[layer]  # (B, Hkv, S, D)
-        if step.keys == "new":
+        cache_k, cache_v = self.k, self.v  # (B, Hkv, S, D)
+        if step.key_layout == "new":
             keys, values = k, v
-        elif step.keys == "cache+new":  # read the old slots before this chunk overwrites them
+        elif step.key_layout == "cache+new":  # read the old slots before this chunk overwrites them
             keys = torch.cat([cache_k, k], dim=2)
             values = torch.cat([cache_v, v], dim=2)
         cache_k[step.rows, :, step.slots] = k[step.rows, :, step.cols]  # (M, Hkv, D)
         cache_v[step.rows, :, step.slots] = v[step.rows, :, step.cols]
-        if step.keys == "cache":
+        if step.key_layout == "cache":
             keys, values = cache_k, cache_v
         return keys, values

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.torch.cache import RotatingCache, Step
+from backends.torch.cache import LayerCache, Step
 from mistral.args import ModelArgs
+from mistral.taps import Recorder
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +43,7 @@ def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tap: Recorder) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
@@ -52,24 +53,22 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.tap = tap
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: RotatingCache,
-        layer: int,
-        step: Step,
-    ) -> torch.Tensor:
+    def new_cache(self, batch: int, size: int) -> LayerCache:
+        return LayerCache(batch, size, self.n_kv_heads, self.head_dim, like=self.wk.weight)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         # q: (B, H, T, D); k, v: (B, Hkv, T, D)
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, step), rope(k, step)
-        step.tap(layer, "q", q)  # (B, H, T, D)
-        step.tap(layer, "k", k)
+        q = self.tap("q", rope(q, step))  # (B, H, T, D)
+        k = self.tap("k", rope(k, step))
 
-        keys, values = cache.update(layer, k, v, step)  # (B, Hkv, K, D)
+        # Without a cache the step attends over the new tokens alone.
+        keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=step.mask, scale=self.scale, enable_gqa=True
@@ -84,12 +83,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.hidden_dim, args.dim)
         self.w3 = Linear(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, step: Step | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoeLayer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tap: Recorder) -> None:
         super().__init__()
         assert args.moe is not None
         self.num_experts_per_tok = args.moe.num_experts_per_tok
@@ -97,15 +96,14 @@ class MoeLayer(nn.Module):
         self.experts = nn.ModuleList([FeedForward(args) for _ in range(args.moe.num_experts)])
         # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
         self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.tap = tap
 
-    def forward(self, x: torch.Tensor, step: Step | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        logits = self.gate(x)  # (N, E)
+        logits = self.tap("router_logits", self.gate(x))  # (N, E)
         weights, chosen = torch.topk(logits, self.num_experts_per_tok)  # (N, k)
-        if step is not None:
-            step.tap(layer, "router_logits", logits)
-            step.tap(layer, "experts", chosen)
+        self.tap("experts", chosen)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(x)
         if self.stacked is not None and len(x) * len(chosen[0]) <= len(self.experts):
             # Only the chosen experts' weights are read, with no host sync (here: decode steps).
@@ -122,32 +120,19 @@ class MoeLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.attention = Attention(args)
+        self.tap = Recorder(f"layers.{layer}.")
+        self.attention = Attention(args, self.tap)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args)
+        self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args, self.tap)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: RotatingCache,
-        layer: int,
-        step: Step,
-    ) -> torch.Tensor:
-        x_norm = self.attention_norm(x)
-        step.tap(layer, "attention_norm", x_norm)
-        attn = self.attention(x_norm, cache, layer, step)
-        step.tap(layer, "attention", attn)
-        h = x + attn
-        h_norm = self.ffn_norm(h)
-        step.tap(layer, "ffn_norm", h_norm)
-        ffn = self.feed_forward(h_norm, step, layer)
-        step.tap(layer, "feed_forward", ffn)
-        out = h + ffn
-        step.tap(layer, "residual", out)
-        return out
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
+        x_norm = self.tap("attention_norm", self.attention_norm(x))
+        h = x + self.tap("attention", self.attention(x_norm, step, cache))
+        h_norm = self.tap("ffn_norm", self.ffn_norm(h))
+        return self.tap("residual", h + self.tap("feed_forward", self.feed_forward(h_norm)))
 
 
 class Transformer(nn.Module):
@@ -155,23 +140,29 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList([TransformerBlock(args) for _ in range(args.n_layers)])
+        self.layers = nn.ModuleList([TransformerBlock(args, i) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+        self.tap = Recorder()
+
+    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
+        return [layer.attention.new_cache(batch, size) for layer in self.layers]
+
+    def recorders(self) -> Iterator[Recorder]:
+        yield self.tap
+        yield from (layer.tap for layer in self.layers)
 
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T)
-        cache: RotatingCache,
         step: Step,
+        cache: list[LayerCache] | None = None,
         last: torch.Tensor | None = None,  # (B,) index of the one position per row to project
     ) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        step.tap(None, "embeddings", h)
+        h = self.tap("embeddings", self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache, i, step)
+            h = layer(h, step, None if cache is None else cache[i])
         if last is not None:
             h = h[torch.arange(len(h), device=h.device), last][:, None]  # (B, 1, dim)
-        h = self.norm(h)
-        step.tap(None, "norm", h)
-        return self.output(h).float()  # (B, T, V) float32 logits
+        h = self.tap("norm", self.norm(h))
+        return self.tap("logits", self.output(h).float())  # (B, T, V) float32 logits

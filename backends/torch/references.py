@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import tempfile
-import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
-from backends.torch.runtime import resolve_device, resolve_dtype
+from backends.torch.measure import Meter
+from backends.torch.runner import dtype_name, resolve_device, resolve_dtype
 from mistral.args import ModelArgs
 from mistral.checkpoint import write_checkpoint
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
+from mistral.measure import Timing, timed_run
 from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
@@ -20,10 +22,12 @@ from mistral.weights import RawTensor
 class HFReference:
     """A Mistral/MixtralForCausalLM holding the same weights, loaded by transformers."""
 
-    backend = "hf"
-
     def __init__(
-        self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None, dtype: str | None
+        self,
+        args: ModelArgs,
+        tensors: Mapping[str, RawTensor],
+        device: str | None,
+        dtype: str | None,
     ) -> None:
         try:
             import transformers
@@ -34,10 +38,11 @@ class HFReference:
         self.args = args
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        self.device, self.dtype = str(dev), str(dt).removeprefix("torch.")
+        self.device, self.dtype = str(dev), dtype_name(dt)
+        self.meter = Meter(args, device, dtype)
         cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
         with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
-            write_checkpoint(tmp, "hf", args, tensors)
+            write_checkpoint(tmp, "hf", args, dict(tensors))
             model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
         self.model = model.to(dev).eval()
         family = "mixtral" if args.moe else "mistral"
@@ -103,32 +108,27 @@ class HFReference:
         out = self.model.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, len(prompt) :].tolist()
 
-    def timed(self, prompts: list[list[int]], gen_len: int):
+    def timed(self, prompts: list[list[int]], gen_len: int) -> Callable[[], Timing]:
         """A timed greedy run through transformers' own cache (equal-length prompts)."""
-        from backends.torch.runtime import DeviceMemory, synchronize
-        from mistral.bench import ResidentMemory, Timing
-
         device = self.model.device
-        probe = DeviceMemory(device)
 
         @torch.inference_mode()
         def run() -> Timing:
-            x = torch.tensor(prompts, device=device)
-            with ResidentMemory() as rss:
-                probe.reset()
-                synchronize(device)
-                start = time.perf_counter()
-                out = self.model(x, use_cache=True)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                token.cpu()
-                first = time.perf_counter()
-                past = out.past_key_values
+            state = {}
+
+            def prefill() -> None:
+                out = self.model(torch.tensor(prompts, device=device), use_cache=True)
+                state["past"] = out.past_key_values
+                state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
+                state["token"].cpu()
+
+            def decode() -> None:
                 for _ in range(gen_len - 1):
-                    out = self.model(token, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                    token = out.logits[:, -1].argmax(-1, keepdim=True)
-                    token.cpu()  # our loop, too, sees every step's logits on the host
-                end = time.perf_counter()
-            return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+                    out = self.model(state["token"], past_key_values=state["past"], use_cache=True)
+                    state["past"] = out.past_key_values
+                    state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
+                    state["token"].cpu()  # our loop, too, sees every step's logits on the host
+
+            return timed_run(self.meter, prefill, decode)
 
         return run

@@ -1,7 +1,8 @@
-"""The checking commands of ``mistral``: diff (where two sides part ways) and bench (speed)."""
+"""The checking commands: diff (where two sides part ways) and bench (speed and memory)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -9,8 +10,13 @@ from pathlib import Path
 
 import simple_parsing as sp
 
-from mistral.checkpoint import DEFAULT_MODEL
+from mistral.args import ModelArgs
+from mistral.bench import BenchSetup, format_report, run_bench
+from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, read_checkpoint
+from mistral.diff import load_side, plot, run_diff
 from mistral.errors import MistralError
+from mistral.tokenizer import Tokenizer
+from mistral.weights import expected_shapes, random_weights
 
 
 @dataclass
@@ -46,10 +52,6 @@ class Diff:
     """Draw the error per layer for each tap kind to this PNG file."""
 
     def run(self) -> None:
-        from mistral.checkpoint import read_checkpoint
-        from mistral.diff import load_side, plot, run_diff
-        from mistral.tokenizer import Tokenizer
-        from mistral.weights import expected_shapes
 
         ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
         ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
@@ -95,7 +97,7 @@ class Bench:
     model: str | None = None
     """Model folder to measure (default: the embedded model unless --config is given)."""
     config: str | None = None
-    """A shape from configs/ (e.g. mistral-7b-v0.1, small-bench) or a params.json path; the
+    """A shape from mistral/configs/ (e.g. mistral-7b-v0.1, small-bench) or a params.json path; the
     weights are seeded random, so real shapes need no download."""
     random_weights: bool = False
     """Use seeded random weights (implied by --config)."""
@@ -128,17 +130,11 @@ class Bench:
     """Also write the report as JSON to this file."""
 
     def run(self) -> None:
-        import dataclasses
-
-        from mistral.args import ModelArgs
-        from mistral.bench import BenchSetup, format_report, run_bench
-        from mistral.checkpoint import read_checkpoint
-        from mistral.weights import random_weights
 
         if self.config:
             path = Path(self.config)
             if not path.exists():
-                path = Path(__file__).resolve().parents[1] / "configs" / f"{self.config}.json"
+                path = CONFIGS / f"{self.config}.json"
             if not path.exists():
                 raise MistralError(f"no config {self.config!r} (a name from configs/ or a path)")
             args = ModelArgs.from_file(path)

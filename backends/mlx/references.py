@@ -6,17 +6,19 @@ needs at least one full-attention layer, so it attends past Mistral's window; di
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from backends.mlx.runtime import resolve_device, resolve_dtype
+from backends.mlx.measure import Meter
+from backends.mlx.runner import dtype_name, resolve_device, resolve_dtype
 from mistral import hf
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
+from mistral.measure import Timing, timed_run
 from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
@@ -36,10 +38,14 @@ class Recorder(nn.Module):
 
 
 class MlxLmReference:
-    backend = "mlx-lm"
+    """mlx-lm's own model (llama for Mistral, mixtral) holding the same weights."""
 
     def __init__(
-        self, args: ModelArgs, tensors: dict[str, RawTensor], device: str | None, dtype: str | None
+        self,
+        args: ModelArgs,
+        tensors: Mapping[str, RawTensor],
+        device: str | None,
+        dtype: str | None,
     ) -> None:
         try:
             from mlx_lm.models import llama, mixtral
@@ -50,7 +56,8 @@ class MlxLmReference:
         self.mx_device = resolve_device(device)
         dt = resolve_dtype(dtype, self.mx_device)
         self.device = "gpu" if self.mx_device == mx.gpu else "cpu"
-        self.dtype = str(dt).removeprefix("mlx.core.")
+        self.dtype = dtype_name(dt)
+        self.meter = Meter(args, device, dtype)
         self.model = family.Model(family.ModelArgs.from_dict(hf.config_from_args(args, self.dtype)))
         weights = {
             k: mx.array(t.to_numpy()).astype(dt) for k, t in hf.tensors_to_hf(args, tensors).items()
@@ -117,29 +124,26 @@ class MlxLmReference:
                 x = mx.array([[token]])
         return out
 
-    def timed(self, prompts: list[list[int]], gen_len: int):
+    def timed(self, prompts: list[list[int]], gen_len: int) -> Callable[[], Timing]:
         """A timed greedy run through mlx-lm's own cache (equal-length prompts)."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        from backends.mlx.runtime import DeviceMemory
-        from mistral.bench import ResidentMemory, Timing
-
-        probe = DeviceMemory(self.mx_device)
-
         def run() -> Timing:
             cache = make_prompt_cache(self.model)
-            with ResidentMemory() as rss, mx.stream(self.mx_device):
-                probe.reset()
-                start = time.perf_counter()
+            state = {}
+
+            def prefill() -> None:
                 logits = self.model(mx.array(prompts), cache=cache)
-                token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-                mx.eval(token)
-                first = time.perf_counter()
+                state["token"] = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                mx.eval(state["token"])
+
+            def decode() -> None:
                 for _ in range(gen_len - 1):
-                    logits = self.model(token, cache=cache)
-                    token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-                    mx.eval(token)
-                end = time.perf_counter()
-            return Timing(first - start, end - first, probe.peak() if probe.on_device else rss.peak)
+                    logits = self.model(state["token"], cache=cache)
+                    state["token"] = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                    mx.eval(state["token"])
+
+            with mx.stream(self.mx_device):
+                return timed_run(self.meter, prefill, decode)
 
         return run

@@ -1,0 +1,145 @@
+"""The MLX backend's Runner (mistral.contract): a Transformer built from raw tensors, one
+planned step at a time."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from backends.mlx.cache import LayerCache, Step
+from backends.mlx.kernels import SplitRows, cpu_streams, gathers, stack_experts
+from backends.mlx.model import Linear, Transformer
+from mistral.args import ModelArgs
+from mistral.cache import StepPlan, plan_prefill
+from mistral.errors import MistralError
+from mistral.rope import inv_frequencies
+from mistral.taps import as_row
+from mistral.weights import RawTensor, linear_bytes
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def resolve_device(device: str | None) -> mx.Device:
+    """'gpu' (Metal on a Mac, CUDA with mlx[cuda] on Linux) or 'cpu'; None: the GPU if any."""
+    if device is None:
+        return mx.gpu if gpu_available() else mx.cpu
+    if device == "cpu":
+        return mx.cpu
+    if device == "gpu":
+        if not gpu_available():
+            how = "Metal" if platform.system() == "Darwin" else "pip install 'mlx[cuda]'"
+            raise MistralError(f"device 'gpu' is not available to MLX here ({how})")
+        return mx.gpu
+    raise MistralError(f"unknown MLX device {device!r}: use gpu or cpu")
+
+
+def resolve_dtype(dtype: str | None, device: mx.Device) -> mx.Dtype:
+    """None picks bfloat16 on the GPU and float32 on the CPU."""
+    if dtype is None:
+        return mx.bfloat16 if device == mx.gpu else mx.float32
+    if dtype not in DTYPES:
+        raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def check_runs(device: mx.Device, dtype: mx.Dtype) -> None:
+    """Refuses, in one line, a dtype the device cannot compute in."""
+    try:
+        with mx.stream(device):
+            x = mx.ones((2, 4), dtype=dtype)
+            mx.eval((x @ x.T).sum())
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MistralError(f"dtype {dtype_name(dtype)} cannot run on {device} ({reason})") from None
+
+
+def from_raw(t: RawTensor) -> mx.array:
+    data = np.ascontiguousarray(t.data)  # one (possibly memory-mapped) tensor
+    if t.dtype == "bfloat16":
+        return mx.array(data).view(mx.bfloat16)
+    return mx.array(data)
+
+
+def gpu_available() -> bool:
+    return bool(mx.is_available(mx.gpu))
+
+
+class Runner:
+    """A Transformer on one device and dtype, run step by step through its layers' caches."""
+
+    def __init__(
+        self, args: ModelArgs, model: Transformer, device: mx.Device, dtype: mx.Dtype
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.mx_device = device
+        self.device = "gpu" if device == mx.gpu else "cpu"
+        self.dtype = dtype_name(dtype)
+        self.freqs = mx.array(1.0 / inv_frequencies(args.head_dim, args.rope_theta))
+
+    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
+        return self.model.new_cache(batch, size)
+
+    def forward(
+        self, tokens: np.ndarray, plan: StepPlan, cache: list[LayerCache] | None, last_only: bool
+    ) -> np.ndarray:
+        """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
+        with mx.stream(self.mx_device):
+            step = Step.from_plan(plan, self.freqs)
+            x = mx.array(tokens.astype(np.int32))
+            last = None
+            if last_only:
+                last = mx.array(plan.last_index.astype(np.int32))
+            out = self.model(x, step, cache, last)
+            out = out[:, 0] if last_only else out
+            # One evaluation per step: the logits and every layer's cache writes together.
+            mx.eval(out, [(c.k, c.v) for c in cache or []])
+        return np.array(out)
+
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
+        step = Step.from_plan(plan_prefill([len(tokens)], self.args.sliding_window), self.freqs)
+        taps: dict[str, mx.array] = {}
+        for recorder in self.model.recorders():
+            recorder.store = taps
+        try:
+            with mx.stream(self.mx_device):
+                self.model(mx.array([tokens]), step)
+                taps = {name: t.astype(mx.float32) for name, t in taps.items()}
+                mx.eval(taps)
+        finally:
+            for recorder in self.model.recorders():
+                recorder.store = None
+        length = len(tokens)
+        return {name: as_row(name, np.array(t), length) for name, t in taps.items()}
+
+
+def build(
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    device: str | None,
+    dtype: str | None,
+    compile: bool = False,
+) -> Runner:
+    if compile:
+        raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    check_runs(dev, dt)
+    model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
+    model.load_weights([(k, from_raw(t).astype(dt)) for k, t in tensors.items()], strict=True)
+    mx.eval(model.parameters())
+    if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
+        stack_experts(model)
+    streams = cpu_streams(dev, linear_bytes(args, dt.size))
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = SplitRows(module.weight, streams) if streams else None
+    return Runner(args, model, dev, dt)

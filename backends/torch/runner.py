@@ -1,0 +1,160 @@
+"""The torch backend's Runner (mistral.contract): a Transformer built from raw tensors, one
+planned step at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from backends.torch.cache import LayerCache, Step
+from backends.torch.kernels import linear_kernel, stack_experts
+from backends.torch.model import Linear, Transformer
+from mistral.args import ModelArgs
+from mistral.cache import StepPlan, plan_prefill
+from mistral.errors import MistralError
+from mistral.rope import inv_frequencies
+from mistral.taps import as_row
+from mistral.weights import RawTensor, linear_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """ "cpu", "cuda", "cuda:N" or "mps"; None picks CUDA, then MPS, then the CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MistralError(
+            f"unknown torch device {device!r}: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MistralError(f"device {device!r} is not available: this torch sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise MistralError(f"device {device!r} is not available: {n} CUDA GPU(s) present")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MistralError(f"device {device!r} is not available on this machine")
+    elif dev.type != "cpu":
+        raise MistralError(f"unsupported torch device {device!r}: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """None picks bfloat16 on CUDA that supports it, float16 on MPS, float32 on the CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if dtype not in DTYPES:
+        raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise MistralError(f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def check_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, in one line, a dtype the device cannot compute in (bfloat16 on older MPS, say)."""
+    try:
+        x = torch.ones(2, 4, device=device, dtype=dtype)
+        torch.nn.functional.linear(x, x).sum().item()
+    except (RuntimeError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MistralError(f"dtype {dtype_name(dtype)} cannot run on {device} ({reason})") from None
+
+
+def from_raw(t: RawTensor) -> torch.Tensor:
+    data = np.array(t.data)  # a writable copy of one (possibly memory-mapped) tensor
+    if t.dtype == "bfloat16":
+        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(data)
+
+
+class Runner:
+    """A Transformer on one device and dtype, run step by step through its layers' caches."""
+
+    def __init__(
+        self, args: ModelArgs, model: Transformer, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.decode_model = model  # the model of decode steps (compiled, where asked for)
+        self.torch_device = device
+        self.device = str(device)
+        self.dtype = dtype_name(dtype)
+        self.inv_freq = torch.from_numpy(inv_frequencies(args.head_dim, args.rope_theta)).to(device)
+
+    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
+        return self.model.new_cache(batch, size)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: np.ndarray, plan: StepPlan, cache: list[LayerCache] | None, last_only: bool
+    ) -> np.ndarray:
+        """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
+        step = Step.from_plan(plan, self.inv_freq)
+        x = torch.from_numpy(tokens).to(self.torch_device)
+        last = None
+        if last_only:
+            last = torch.from_numpy(plan.last_index).to(self.torch_device)
+        model = self.decode_model if plan.key_layout == "cache" else self.model
+        out = model(x, step, cache, last)
+        out = out[:, 0] if last_only else out
+        return out.cpu().numpy()
+
+    @torch.inference_mode()
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
+        step = Step.from_plan(plan_prefill([len(tokens)], self.args.sliding_window), self.inv_freq)
+        taps: dict[str, torch.Tensor] = {}
+        for recorder in self.model.recorders():
+            recorder.store = taps
+        try:
+            self.model(torch.tensor([tokens], device=self.torch_device), step)
+        finally:
+            for recorder in self.model.recorders():
+                recorder.store = None
+        return {
+            name: as_row(name, t.float().cpu().numpy(), len(tokens)) for name, t in taps.items()
+        }
+
+
+def build(
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    device: str | None,
+    dtype: str | None,
+    compile: bool = False,
+) -> Runner:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    check_runs(dev, dt)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {k: from_raw(t).to(dev, dt) for k, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    if compile:  # MoE layers of the compiled step multiply by the chosen experts, no host sync
+        stack_experts(model)
+    kernel = linear_kernel(dev, dt, linear_bytes(args, dt.itemsize))
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = kernel
+    runner = Runner(args, model, dev, dt)
+    if compile:
+        # Decode steps have static shapes (keys = the whole buffer): compiled once, and on CUDA
+        # replayed as a CUDA graph ("reduce-overhead"). Prefill stays eager.
+        mode = "reduce-overhead" if dev.type == "cuda" else "default"
+        runner.decode_model = torch.compile(model, mode=mode, dynamic=False)
+    return runner

@@ -1,0 +1,180 @@
+"""The Python API: ``mistral.load`` and Model, the one way users, the CLI and the tools reach a
+model (its Runner, mistral.contract, stays behind it)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mistral import generate as gen
+from mistral.args import ModelArgs
+from mistral.chat import Message, encode_messages
+from mistral.checkpoint import DEFAULT_MODEL, read_checkpoint
+from mistral.contract import Runner, build
+from mistral.errors import MistralError
+from mistral.tokenizer import Tokenizer
+from mistral.weights import RawTensor
+
+
+class Model:
+    """A loaded model on one backend, device and dtype, with its folder's tokenizer (or None)."""
+
+    def __init__(
+        self, runner: Runner, backend: str, tokenizer: Tokenizer | None = None, source: str = ""
+    ) -> None:
+        self.runner = runner
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.runner.args
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> str:
+        return self.runner.dtype
+
+    def __repr__(self) -> str:
+        where = f"backend={self.backend}, device={self.device}, dtype={self.dtype}"
+        return f"Model({self.source!r}, {where})"
+
+    def logits(self, batch: list[list[int]], chunk_size: int | None = None) -> list[np.ndarray]:
+        """Float32 logits, (len(row), vocab_size) per row, computed through the rotating cache."""
+        return gen.all_logits(self.runner, batch, chunk_size)
+
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """Every named tap (mistral.taps) of one uncached forward of one row, float32 (T, ...)."""
+        gen.check_batch([tokens], self.args.vocab_size)
+        return self.runner.trace(list(tokens))
+
+    def session(self, batch: int, context: int) -> gen.Session:
+        """An empty cache for ``batch`` rows of up to ``context`` tokens each (a model with a
+        sliding window rotates its window instead, with no limit): ``stream`` continues it."""
+        return gen.Session(self.runner, batch, self.args.sliding_window or context)
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_id: int | None = None,
+        chunk_size: int | None = None,
+        session: gen.Session | None = None,
+    ) -> Generator[list[int | None], None, None]:
+        """Yields, per step, the new token of every row (None once a row has produced
+        ``eos_id``); ``session`` continues a cache that already holds earlier tokens."""
+        return gen.stream(
+            self.runner,
+            prompts,
+            max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            eos_id=eos_id,
+            chunk_size=chunk_size,
+            session=session,
+        )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_id: int | None = None,
+        chunk_size: int | None = None,
+    ) -> list[list[int]]:
+        """New token ids per row; greedy at temperature 0; a row stops after ``eos_id`` if given."""
+        out: list[list[int]] = [[] for _ in prompts]
+        steps = self.stream(prompts, max_tokens, temperature, top_p, seed, eos_id, chunk_size)
+        for step in steps:
+            for b, t in enumerate(step):
+                if t is not None:
+                    out[b].append(t)
+        return out
+
+    def stream_text(
+        self,
+        prompt: str | list[Message] | list[dict[str, str]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Streams the text that follows ``prompt``, a string or chat messages (dicts with "role"
+        and "content", as OpenAI's API takes them), up to the tokenizer's end of sequence."""
+        tok = self.require_tokenizer()
+        ids = tok.encode(prompt) if isinstance(prompt, str) else encode_messages(tok, prompt)
+        decoder = tok.decoder(after=ids)
+        steps = self.stream([ids], max_tokens, temperature, top_p, seed, eos_id=tok.eos_id)
+        for (token,) in steps:
+            if token is None or token == tok.eos_id:
+                break
+            if piece := decoder.push(token):
+                yield piece
+        if tail := decoder.flush():
+            yield tail
+
+    def generate_text(
+        self,
+        prompt: str | list[Message] | list[dict[str, str]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """The text that follows ``prompt`` (see ``stream_text``), whole."""
+        return "".join(self.stream_text(prompt, max_tokens, temperature, top_p, seed))
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise MistralError(f"{self.source}: no tokenizer was found beside the model")
+        return self.tokenizer
+
+
+def from_tensors(
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    backend: str = "torch",
+    device: str | None = None,
+    dtype: str | None = None,
+    source: str = "tensors",
+    compile: bool = False,
+    tokenizer: Tokenizer | None = None,
+) -> Model:
+    """A Model from in-memory tensors named by checkpoint keys (e.g. ``weights.random_weights``)."""
+    runner = build(backend, args, tensors, device, dtype, source, compile)
+    return Model(runner, backend, tokenizer, source)
+
+
+def load(
+    path: str | Path | None = None,
+    backend: str = "torch",
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
+    tokenizer: str | Path | None = None,
+) -> Model:
+    """Loads a model folder (None: the embedded model) with its tokenizer; device and dtype are
+    strings ("cuda:1", "bfloat16"), None = the best available. ``compile`` (torch) compiles the
+    static-shape decode step, a CUDA graph on CUDA. ``tokenizer`` overrides the folder's."""
+    ckpt = read_checkpoint(DEFAULT_MODEL if path is None else path)
+    tok_path = tokenizer or ckpt.tokenizer_path
+    tok = None if tok_path is None else Tokenizer(tok_path)
+    if tok is not None and tok.vocab_size > ckpt.args.vocab_size:
+        raise MistralError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model only "
+            f"{ckpt.args.vocab_size}: they do not belong together"
+        )
+    source = str(ckpt.path)
+    return from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, source, compile, tok)

@@ -1,0 +1,101 @@
+"""The commands about model folders: info and convert."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import simple_parsing as sp
+from tqdm import tqdm
+
+from mistral.chat import template_version
+from mistral.checkpoint import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+from mistral.errors import MistralError
+from mistral.tokenizer import Tokenizer
+from mistral.weights import cast_nbytes
+
+
+@dataclass
+class Info:
+    """Describe a model folder: format, architecture, parameters, dtype, bytes, tokenizer."""
+
+    path: str = sp.field(positional=True)
+    """Model folder."""
+    json: bool = False
+    """Print JSON instead of text."""
+
+    def run(self) -> None:
+
+        ckpt = read_checkpoint(self.path)
+        params = sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
+        dtypes = sorted({t.dtype for t in ckpt.tensors.values()})
+        info = {
+            "path": str(ckpt.path),
+            "format": ckpt.format,
+            "args": ckpt.args.to_params(),
+            "parameters": params,
+            "dtype": ",".join(dtypes),
+            "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+            "tokenizer": None,
+        }
+        if ckpt.tokenizer_path:
+            tok = Tokenizer(ckpt.tokenizer_path)
+            info["tokenizer"] = {
+                "file": ckpt.tokenizer_path.name,
+                "vocab_size": tok.vocab_size,
+                "chat_template": template_version(tok),
+            }
+        if self.json:
+            print(json.dumps(info, indent=2))
+            return
+        a = ckpt.args
+        kind = f"MoE {a.moe.num_experts}x, top-{a.moe.num_experts_per_tok}" if a.moe else "dense"
+        window = a.sliding_window or "none"
+        print(f"{ckpt.path}  ({ckpt.format} format)")
+        heads = f"{a.n_heads} heads / {a.n_kv_heads} kv heads of {a.head_dim}"
+        shape = f"{a.n_layers} layers, dim {a.dim}, {heads}, hidden {a.hidden_dim}"
+        print(f"  architecture  {shape}, {kind}")
+        print(f"  vocabulary    {a.vocab_size}")
+        print(f"  rope_theta    {a.rope_theta:g}, sliding window {window}, norm_eps {a.norm_eps:g}")
+        print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
+        print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
+        t = info["tokenizer"]
+        if t:
+            tokens = f"{t['vocab_size']} tokens, chat template {t['chat_template']}"
+            print(f"  tokenizer     {t['file']}, {tokens}")
+        else:
+            print("  tokenizer     none found")
+
+
+@dataclass
+class Convert:
+    """Convert a model folder to another layout, tensor by tensor (round trips are bit-exact)."""
+
+    src: str = sp.field(positional=True)
+    """Source model folder."""
+    dst: str = sp.field(positional=True)
+    """Destination folder (must not exist, or be empty)."""
+    to: str = sp.choice("mistral", "hf", "mlx", default="mistral")
+    """Layout to write: mistral (params.json + consolidated.safetensors), hf (config.json +
+    model.safetensors, wq/wk permuted), mlx (params.json + weights.npz or weights.safetensors)."""
+    dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
+    """Cast the weights. Default: keep them as they are."""
+
+    def run(self) -> None:
+        ckpt = read_checkpoint(self.src)
+        dst = Path(self.dst)
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise MistralError(f"{dst} exists and is not empty: choose a new folder")
+        total = sum(cast_nbytes(t, self.dtype) for t in ckpt.tensors.values())
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"{ckpt.format} -> {self.to}", disable=None
+        ) as bar:
+            write_checkpoint(dst, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file():
+                shutil.copy(ckpt.path / name, dst / name)
+        print(f"wrote {dst} ({self.to} format)", file=sys.stderr)

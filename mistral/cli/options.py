@@ -1,0 +1,75 @@
+"""Options shared by the commands that run a model, and terminal output."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import simple_parsing as sp
+
+import mistral
+from mistral.checkpoint import TOKENIZER_FILES
+from mistral.errors import MistralError
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and where and how it runs."""
+
+    model: str | None = None
+    """Model folder (Mistral, Hugging Face or MLX layout). Default: the small KJV model shipped in
+    mistral/default_model."""
+    backend: str = sp.choice("torch", "mlx", default="torch")
+    """Framework that runs the model."""
+    device: str | None = None
+    """torch: cpu, cuda, cuda:N, mps; mlx: gpu, cpu. Default: the best available."""
+    dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
+    """Compute dtype. Default: bfloat16 on CUDA and MLX's GPU, float16 on MPS, float32 on CPUs."""
+    tokenizer: str | None = None
+    """sentencepiece model file. Default: tokenizer.model[.v1|.v3] in the model folder."""
+    compile: bool = False
+    """torch: compile the static-shape decode step (torch.compile; replayed as a CUDA graph on
+    CUDA). The first steps are slow while it compiles."""
+
+    def load(self) -> mistral.Model:
+        """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs."""
+        model = mistral.load(
+            self.model, self.backend, self.device, self.dtype, self.compile, self.tokenizer
+        )
+        if model.tokenizer is None:
+            names = ", ".join(TOKENIZER_FILES)
+            raise MistralError(f"{model.source}: no tokenizer ({names}); pass --tokenizer FILE")
+        return model
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen."""
+
+    max_tokens: int = 128
+    """Tokens to generate per prompt (a row stops earlier at end-of-sequence)."""
+    temperature: float = 0.0
+    """0 is greedy; higher samples more freely."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    seed: int | None = None
+    """Seed of the sampler, for repeatable sampled output."""
+
+    def kwargs(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+
+def read_stdin_prompt() -> str:
+    if sys.stdin.isatty():
+        raise MistralError("no prompt: pass --prompt TEXT or pipe text on standard input")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise MistralError("the prompt read from standard input is empty")
+    return text.rstrip("\n")
+
+
+def write(text: str, bold: bool = False) -> None:
+    if bold and sys.stdout.isatty():
+        text = f"\033[1m{text}\033[0m"
+    sys.stdout.write(text)
+    sys.stdout.flush()
