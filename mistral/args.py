@@ -42,11 +42,6 @@ class ModelArgs(Serializable):
             self.moe = parse_moe(self.moe)
         validate(self)
 
-    @property
-    def n_rep(self) -> int:
-        """Query heads per key/value head (GQA)."""
-        return self.n_heads // self.n_kv_heads
-
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
         """Builds args from a params.json dict; missing or unknown keys are errors, not defaults."""

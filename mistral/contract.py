@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class Cache(Protocol):
     and handed back to ``Runner.forward``; mistral/ never looks inside."""
 
 
+@runtime_checkable
 class Runner(Protocol):
     """A model on one device and dtype that runs one planned step at a time."""
 

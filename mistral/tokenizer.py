@@ -41,12 +41,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
 
-    def piece(self, token: int) -> str:
-        return self.sp.id_to_piece(token)
-
-    def is_control(self, token: int) -> bool:
-        return self.sp.is_control(token)
-
     def control_id(self, piece: str) -> int | None:
         """The id of a control piece such as "[INST]" (v3 tokenizers), or None for plain text."""
         token = self.sp.piece_to_id(piece)

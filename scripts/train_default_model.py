@@ -92,6 +92,55 @@ def forward(model: Transformer, tokens: torch.Tensor, inv_freq: torch.Tensor) ->
     return model(tokens, Step.from_plan(plan_prefill([T] * B, ARGS.sliding_window), inv_freq))
 
 
+def init_weights(model: Transformer) -> None:
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("norm.weight"):
+                w.fill_(1.0)
+            else:
+                w.normal_(0.0, 0.02 if "wo" not in name and "w2" not in name else 0.02 / 3)
+
+
+def train(model: Transformer, ids: np.ndarray, opt: argparse.Namespace) -> int:
+    """Trains for opt.minutes (warm-up, then a cosine decay to a tenth); returns the steps."""
+    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
+    optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    rng = np.random.default_rng(opt.seed)
+    budget = opt.minutes * 60
+    start = time.time()
+    step = 0
+    while (elapsed := time.time() - start) < budget:
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        lr = opt.lr * min(1.0, (step + 1) / 100) * decay
+        for group in optim.param_groups:
+            group["lr"] = lr
+        starts = rng.integers(0, len(ids) - CONTEXT - 1, opt.batch)
+        batch = torch.from_numpy(np.stack([ids[s : s + CONTEXT + 1] for s in starts]))
+        logits = forward(model, batch[:, :-1], inv_freq)
+        loss = F.cross_entropy(logits.reshape(-1, ARGS.vocab_size), batch[:, 1:].reshape(-1))
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        if step % 50 == 0:
+            minutes = elapsed / 60
+            print(f"step {step:5d}  {minutes:5.1f} min  lr {lr:.2e}  loss {loss.item():.3f}")
+        step += 1
+    return step
+
+
+def held_out_loss(model: Transformer, held_out: np.ndarray) -> float:
+    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
+    model.eval()
+    with torch.no_grad():
+        n = (len(held_out) - 1) // CONTEXT
+        chunks = torch.from_numpy(held_out[: n * CONTEXT + 1])
+        x = chunks[:-1].view(n, CONTEXT)
+        y = chunks[1:].view(n, CONTEXT)
+        logits = forward(model, x, inv_freq)
+        return F.cross_entropy(logits.reshape(-1, ARGS.vocab_size), y.reshape(-1)).item()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("mistral/default_model"))
@@ -112,68 +161,23 @@ def main() -> None:
     ids = ids[:-20_000]
 
     model = Transformer(ARGS)
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if name.endswith("norm.weight"):
-                w.fill_(1.0)
-            else:
-                w.normal_(0.0, 0.02 if "wo" not in name and "w2" not in name else 0.02 / 3)
-    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
-    optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    rng = np.random.default_rng(opt.seed)
-    budget = opt.minutes * 60
-    start = time.time()
-    step = 0
-    while (elapsed := time.time() - start) < budget:
-        frac = elapsed / budget
-        lr = (
-            opt.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        )
-        for group in optim.param_groups:
-            group["lr"] = lr
-        starts = rng.integers(0, len(ids) - CONTEXT - 1, opt.batch)
-        batch = torch.from_numpy(np.stack([ids[s : s + CONTEXT + 1] for s in starts]))
-        logits = forward(model, batch[:, :-1], inv_freq)
-        loss = F.cross_entropy(logits.reshape(-1, ARGS.vocab_size), batch[:, 1:].reshape(-1))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        if step % 50 == 0:
-            print(
-                f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {loss.item():.3f}",
-                flush=True,
-            )
-        step += 1
-
-    model.eval()
-    with torch.no_grad():
-        n = (len(held_out) - 1) // CONTEXT
-        chunks = torch.from_numpy(held_out[: n * CONTEXT + 1])
-        x = chunks[:-1].view(n, CONTEXT)
-        y = chunks[1:].view(n, CONTEXT)
-        val = F.cross_entropy(
-            forward(model, x, inv_freq).reshape(-1, ARGS.vocab_size), y.reshape(-1)
-        )
-    print(f"held-out loss {val.item():.3f} after {step} steps")
+    init_weights(model)
+    steps = train(model, ids, opt)
+    val = held_out_loss(model, held_out)
+    print(f"held-out loss {val:.3f} after {steps} steps")
     tensors = {k: from_numpy(v.detach().numpy(), "bfloat16") for k, v in model.state_dict().items()}
     write_checkpoint(opt.out, "mistral", ARGS, tensors)
-    (opt.out / "TRAINING.json").write_text(
-        json.dumps(
-            {
-                "text": "King James Bible, Debian bible-kjv (bible -f gen1:1-rev22:21)",
-                "tokens": len(ids),
-                "steps": step,
-                "batch": opt.batch,
-                "context": CONTEXT,
-                "minutes": opt.minutes,
-                "held_out_loss": round(val.item(), 4),
-                "seed": opt.seed,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {
+        "text": "King James Bible, Debian bible-kjv (bible -f gen1:1-rev22:21)",
+        "tokens": len(ids),
+        "steps": steps,
+        "batch": opt.batch,
+        "context": CONTEXT,
+        "minutes": opt.minutes,
+        "held_out_loss": round(val, 4),
+        "seed": opt.seed,
+    }
+    (opt.out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
