@@ -55,9 +55,11 @@ class Model:
         return self.runner.trace(list(tokens))
 
     def session(self, batch: int, context: int) -> gen.Session:
-        """An empty cache for ``batch`` rows of up to ``context`` tokens each (a model with a
-        sliding window rotates its window instead, with no limit): ``stream`` continues it."""
-        return gen.Session(self.runner, batch, self.args.sliding_window or context)
+        """An empty cache for ``batch`` rows of up to ``context`` tokens each (layers with a
+        sliding window rotate their whole window instead, with no limit): ``stream`` continues
+        it."""
+        windows = [w for w in self.args.layer_windows() if w is not None]
+        return gen.Session(self.runner, batch, max([context, *windows]))
 
     def stream(
         self,

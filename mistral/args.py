@@ -42,6 +42,15 @@ class ModelArgs(Serializable):
             self.moe = parse_moe(self.moe)
         validate(self)
 
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each layer (None: full attention); one for all today."""
+        return [self.sliding_window] * self.n_layers
+
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
         """Builds args from a params.json dict; missing or unknown keys are errors, not defaults."""

@@ -34,6 +34,7 @@ with T the longest; padding is never stored and its queries see every key (outpu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ import numpy as np
 from mistral.errors import MistralError
 
 KeyLayout = Literal["cache", "cache+new", "new"]
+Window = int | None  # a layer's attention window in tokens; None attends to the whole sequence
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,42 @@ class CacheBook:
         return "cache"
 
 
-def plan_prefill(seqlens: list[int], window: int | None) -> StepPlan:
+class Planner:
+    """The bookkeeping of one batch for all the layers of a model: one CacheBook per distinct
+    attention window among the layers (one today; models that interleave sliding and full layers
+    have two), all fed the same tokens, so ``step`` gives one StepPlan per window.
+
+    ``context`` is the longest a row will get: a windowed buffer holds min(window, context) slots
+    and rotates, a full one holds ``context``."""
+
+    def __init__(self, batch: int, context: int, windows: Iterable[Window]) -> None:
+        self.books = {
+            w: CacheBook(batch, cache_size(w, context), w) for w in dict.fromkeys(windows)
+        }
+
+    @property
+    def sizes(self) -> dict[Window, int]:
+        """Slots per row of each window's buffers, what a backend's caches are made with."""
+        return {w: book.size for w, book in self.books.items()}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(B,) tokens seen per row (the same in every book)."""
+        return next(iter(self.books.values())).lengths
+
+    def step(self, seqlens: list[int] | np.ndarray) -> dict[Window, StepPlan]:
+        return {w: book.step(seqlens) for w, book in self.books.items()}
+
+    def rewind(self, lengths: list[int]) -> bool:
+        """CacheBook.rewind for every window, or for none (False) if one cannot."""
+        saved = [(book.slot_pos, book.lengths) for book in self.books.values()]
+        if all(book.rewind(lengths) for book in self.books.values()):
+            return True
+        for book, (slot_pos, seen) in zip(self.books.values(), saved, strict=True):
+            book.slot_pos, book.lengths = slot_pos, seen
+        return False
+
+
+def plan_prefill(seqlens: list[int], windows: Iterable[Window]) -> dict[Window, StepPlan]:
     """Rows fed whole into an empty cache, or run without one: each attends over its own tokens."""
-    return CacheBook(len(seqlens), cache_size(window, max(seqlens)), window).step(seqlens)
+    return Planner(len(seqlens), max(seqlens), windows).step(seqlens)

@@ -127,7 +127,7 @@ class Chat:
         self.messages.append(Message("user", text))
         prompt = encode_chat(self.tok, self.messages, self.system, self.version)
         keep = common_prefix(self.fed, prompt)
-        if self.session is None or keep == 0 or not self.session.book.rewind([keep]):
+        if self.session is None or keep == 0 or not self.session.planner.rewind([keep]):
             self.session, keep = self.model.session(1, self.context), 0
         answer: list[int] = []
         decoder = self.tok.decoder()
@@ -154,5 +154,5 @@ class Chat:
             steps.close()
             self.messages.append(Message("assistant", answer))
             # What the cache holds: the prompt and the answer, but not a last token never fed.
-            fed = int(self.session.book.lengths[0]) if self.session else 0
+            fed = int(self.session.planner.lengths[0]) if self.session else 0
             self.fed = (prompt + answer)[:fed]

@@ -15,7 +15,7 @@ from typing import Protocol, cast, runtime_checkable
 import numpy as np
 
 from mistral.args import ModelArgs
-from mistral.cache import StepPlan
+from mistral.cache import StepPlan, Window
 from mistral.errors import MistralError
 from mistral.measure import Meter, Timing
 from mistral.weights import RawTensor, check_tensors
@@ -37,15 +37,21 @@ class Runner(Protocol):
     device: str  # as the framework names it: "cuda:0", "cpu", "gpu"
     dtype: str  # "float32", "bfloat16", "float16"
 
-    def new_cache(self, batch: int, size: int) -> Cache:
-        """Empty buffers for ``batch`` rows of ``size`` slots each, at every layer."""
+    def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> Cache:
+        """Empty buffers for ``batch`` rows at every layer, ``sizes[w]`` slots per row for a
+        layer whose attention window is w (mistral.cache.Planner.sizes)."""
         ...
 
     def forward(
-        self, tokens: np.ndarray, plan: StepPlan, cache: Cache | None, last_only: bool
+        self,
+        tokens: np.ndarray,
+        plans: Mapping[Window, StepPlan],
+        cache: Cache | None,
+        last_only: bool,
     ) -> np.ndarray:
-        """(B, T) token ids -> float32 logits (B, T, V), or (B, V) at each row's last new token.
-        Without a cache, attention reads the new tokens alone (``plan.key_layout == "new"``)."""
+        """(B, T) token ids -> float32 logits (B, T, V), or (B, V) at each row's last new token;
+        a layer follows the plan of its window. Without a cache, attention reads the new tokens
+        alone (every plan's ``key_layout`` is "new")."""
         ...
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ from collections.abc import Generator, Iterator
 
 import numpy as np
 
-from mistral.cache import CacheBook, cache_size
+from mistral.cache import Planner
 from mistral.contract import Cache, Runner
 from mistral.errors import MistralError
 from mistral.sampling import sample
@@ -40,10 +40,10 @@ def pad(rows: list[list[int]]) -> np.ndarray:
 class Session:
     """One batch of rows with their cache: feed tokens, get logits. Chat keeps one across turns."""
 
-    def __init__(self, runner: Runner, batch: int, size: int) -> None:
+    def __init__(self, runner: Runner, batch: int, context: int) -> None:
         self.runner = runner
-        self.book = CacheBook(batch, size, runner.args.sliding_window)
-        self.cache: Cache = runner.new_cache(batch, size)
+        self.planner = Planner(batch, context, runner.args.layer_windows())
+        self.cache: Cache = runner.new_cache(batch, self.planner.sizes)
 
     def feed(
         self, rows: list[list[int]], chunk_size: int | None, last_only: bool
@@ -56,14 +56,14 @@ class Session:
         for start in range(0, longest, chunk):
             pieces = [r[start : start + chunk] for r in rows]
             seqlens = [len(p) for p in pieces]
-            plan = self.book.step(seqlens)
-            yield seqlens, self.runner.forward(pad(pieces), plan, self.cache, last_only)
+            plans = self.planner.step(seqlens)
+            yield seqlens, self.runner.forward(pad(pieces), plans, self.cache, last_only)
 
 
 def all_logits(runner: Runner, batch: list[list[int]], chunk_size: int | None) -> list[np.ndarray]:
     check_batch(batch, runner.args.vocab_size)
     longest = max(len(r) for r in batch)
-    session = Session(runner, len(batch), cache_size(runner.args.sliding_window, longest))
+    session = Session(runner, len(batch), longest)
     outs: list[list[np.ndarray]] = [[] for _ in batch]
     for seqlens, logits in session.feed(batch, chunk_size, last_only=False):
         for b, n in enumerate(seqlens):
@@ -90,7 +90,7 @@ def stream(
         raise MistralError(f"top_p must be in (0, 1], got {top_p}")
     if session is None:
         longest = max(len(p) for p in prompts) + max_tokens
-        session = Session(runner, len(prompts), cache_size(runner.args.sliding_window, longest))
+        session = Session(runner, len(prompts), longest)
     rng = np.random.default_rng(seed)
     B = len(prompts)
     last = np.zeros((B, runner.args.vocab_size), dtype=np.float32)

@@ -89,7 +89,8 @@ def train_tokenizer(chapters: list[str], out: Path) -> spm.SentencePieceProcesso
 def forward(model: Transformer, tokens: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """An uncached forward through the shared planner's mask: (B, T) -> (B, T, V) logits."""
     B, T = tokens.shape
-    return model(tokens, Step.from_plan(plan_prefill([T] * B, ARGS.sliding_window), inv_freq))
+    plans = plan_prefill([T] * B, ARGS.layer_windows())
+    return model(tokens, {w: Step.from_plan(plan, inv_freq) for w, plan in plans.items()})
 
 
 def init_weights(model: Transformer) -> None:

@@ -114,8 +114,33 @@ def test_the_planner_alone_decides_who_sees_whom():
         model = mistral.from_tensors(args, weights, name, "cpu")
         assert max_diff(model.logits(rows, chunk_size=6), expected) > 1e-3  # the windows differ
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(mistral.generate, "CacheBook", NarrowBook)
+            mp.setattr(mistral.cache, "CacheBook", NarrowBook)
             assert max_diff(model.logits(rows, chunk_size=6), expected) <= 1e-5, name
+
+
+def test_layers_may_attend_over_different_windows(monkeypatch):
+    """Room for per-layer attention kinds: with sliding and full layers interleaved, each layer
+    follows its own window's plan and buffer (one CacheBook per window), cached and chunked runs
+    equal the uncached trace, and both backends agree."""
+    args = tiny("tiny-window")
+    W = args.sliding_window
+    weights = random_weights(args, seed=6)
+    rows = random_rows([2 * W + 5, 9], args.vocab_size, 4)
+    uniform = {
+        w: mistral.from_tensors(dataclasses.replace(args, sliding_window=w), weights).logits(rows)
+        for w in (W, None)
+    }
+    windows = [W if i % 2 == 0 else None for i in range(args.n_layers)]
+    monkeypatch.setattr(mistral.ModelArgs, "layer_windows", lambda self: windows)
+    out = {}
+    for name in contract.BACKENDS:
+        model = mistral.from_tensors(args, weights, name, "cpu")
+        out[name] = model.logits(rows, chunk_size=7)
+        uncached = [model.trace(r)["logits"] for r in rows]
+        assert max_diff(out[name], uncached) <= 1e-5, name
+        assert {layer.window for layer in model.runner.model.layers} == {W, None}
+    assert max_diff(out["torch"], out["mlx"]) <= 1e-4
+    assert min(max_diff(out["torch"], u) for u in uniform.values()) > 1e-3
 
 
 def shared_lines(a: str, b: str) -> float:

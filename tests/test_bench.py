@@ -92,7 +92,7 @@ def test_prefill_flops_count_what_a_prefill_computes(config):
                 macs = macs * args.moe.num_experts_per_tok / args.moe.num_experts
             per_token += macs
     prompt = 3 * (args.sliding_window or 10)  # past the window when there is one
-    plan = plan_prefill([prompt], args.sliding_window)
+    [plan] = plan_prefill([prompt], [args.sliding_window]).values()
     seen = int(plan.mask.sum())  # (query, key) pairs attention computes
     attention = 2 * args.n_heads * args.head_dim * seen  # QK^T and AV
     macs = args.n_layers * (prompt * per_token + attention) + args.dim * args.vocab_size

@@ -64,7 +64,7 @@ def test_only_new_tokens_are_fed_when_the_prompt_only_grows(fed):
         prompt = encode_chat(tok, chat.messages[:-1], chat.system)
         assert fed[0] == len(prompt) - before  # the first feed is only what is new
         total = len(prompt)
-    assert chat.session.book.lengths[0] >= total
+    assert chat.session.planner.lengths[0] >= total
 
 
 def test_v3_system_prompt_moves_and_the_cache_rewinds(fed):

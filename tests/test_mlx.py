@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import mistral
-import mistral.generate
+import mistral.cache
 from mistral import MistralError
 from mistral.cache import CacheBook, StepPlan
 from mistral.checkpoint import write_checkpoint
@@ -120,7 +120,7 @@ def test_backends_follow_the_shared_plan(monkeypatch, backend):
     model = mistral.from_tensors(args, random_weights(args, 3), backend=backend, device="cpu")
     rows = random_rows([40, 9], args.vocab_size, 8)
     expected = model.logits(rows, chunk_size=5)
-    monkeypatch.setattr(mistral.generate, "CacheBook", ShuffledBook)
+    monkeypatch.setattr(mistral.cache, "CacheBook", ShuffledBook)
     assert max_diff(model.logits(rows, chunk_size=5), expected) <= 1e-5
 
 

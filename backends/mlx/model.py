@@ -10,6 +10,7 @@ import numpy as np
 
 from backends.mlx.cache import LayerCache, Step
 from mistral.args import ModelArgs
+from mistral.cache import Window
 from mistral.taps import Recorder
 
 
@@ -131,6 +132,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.tap = Recorder(f"layers.{layer}.")
+        self.window = args.layer_windows()[layer]  # the plan (Step) its attention follows
         self.attention = Attention(args, self.tap)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -153,8 +155,8 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         self.tap = Recorder()
 
-    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
-        return [layer.attention.new_cache(batch, size) for layer in self.layers]
+    def new_cache(self, batch: int, sizes: dict[Window, int]) -> list[LayerCache]:
+        return [layer.attention.new_cache(batch, sizes[layer.window]) for layer in self.layers]
 
     def recorders(self) -> Iterator[Recorder]:
         yield self.tap
@@ -163,13 +165,13 @@ class Transformer(nn.Module):
     def __call__(
         self,
         tokens: mx.array,  # (B, T)
-        step: Step,
+        steps: dict[Window, Step],
         cache: list[LayerCache] | None = None,
         last: mx.array | None = None,  # (B,) index of the one position per row to project
     ) -> mx.array:
         h = self.tap("embeddings", self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, None if cache is None else cache[i])
+            h = layer(h, steps[layer.window], None if cache is None else cache[i])
         if last is not None:
             h = h[mx.arange(h.shape[0]), last][:, None]  # (B, 1, dim)
         h = self.tap("norm", self.norm(h))

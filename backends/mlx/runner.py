@@ -13,7 +13,7 @@ from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, stack_experts
 from backends.mlx.model import Linear, Transformer
 from mistral.args import ModelArgs
-from mistral.cache import StepPlan, plan_prefill
+from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
 from mistral.taps import as_row
@@ -84,20 +84,24 @@ class Runner:
         self.dtype = dtype_name(dtype)
         self.freqs = mx.array(1.0 / inv_frequencies(args.head_dim, args.rope_theta))
 
-    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
-        return self.model.new_cache(batch, size)
+    def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
+        return self.model.new_cache(batch, dict(sizes))
 
     def forward(
-        self, tokens: np.ndarray, plan: StepPlan, cache: list[LayerCache] | None, last_only: bool
+        self,
+        tokens: np.ndarray,
+        plans: Mapping[Window, StepPlan],
+        cache: list[LayerCache] | None,
+        last_only: bool,
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
         with mx.stream(self.mx_device):
-            step = Step.from_plan(plan, self.freqs)
+            steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
             x = mx.array(tokens.astype(np.int32))
             last = None
-            if last_only:
-                last = mx.array(plan.last_index.astype(np.int32))
-            out = self.model(x, step, cache, last)
+            if last_only:  # the same in every window's plan
+                last = mx.array(next(iter(plans.values())).last_index.astype(np.int32))
+            out = self.model(x, steps, cache, last)
             out = out[:, 0] if last_only else out
             # One evaluation per step: the logits and every layer's cache writes together.
             mx.eval(out, [(c.k, c.v) for c in cache or []])
@@ -105,13 +109,14 @@ class Runner:
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
-        step = Step.from_plan(plan_prefill([len(tokens)], self.args.sliding_window), self.freqs)
+        plans = plan_prefill([len(tokens)], self.args.layer_windows())
+        steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
         taps: dict[str, mx.array] = {}
         for recorder in self.model.recorders():
             recorder.store = taps
         try:
             with mx.stream(self.mx_device):
-                self.model(mx.array([tokens]), step)
+                self.model(mx.array([tokens]), steps)
                 taps = {name: t.astype(mx.float32) for name, t in taps.items()}
                 mx.eval(taps)
         finally:

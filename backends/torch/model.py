@@ -10,6 +10,7 @@ from torch import nn
 
 from backends.torch.cache import LayerCache, Step
 from mistral.args import ModelArgs
+from mistral.cache import Window
 from mistral.taps import Recorder
 
 
@@ -123,6 +124,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.tap = Recorder(f"layers.{layer}.")
+        self.window = args.layer_windows()[layer]  # the plan (Step) its attention follows
         self.attention = Attention(args, self.tap)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -145,8 +147,8 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         self.tap = Recorder()
 
-    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
-        return [layer.attention.new_cache(batch, size) for layer in self.layers]
+    def new_cache(self, batch: int, sizes: dict[Window, int]) -> list[LayerCache]:
+        return [layer.attention.new_cache(batch, sizes[layer.window]) for layer in self.layers]
 
     def recorders(self) -> Iterator[Recorder]:
         yield self.tap
@@ -155,13 +157,13 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T)
-        step: Step,
+        steps: dict[Window, Step],
         cache: list[LayerCache] | None = None,
         last: torch.Tensor | None = None,  # (B,) index of the one position per row to project
     ) -> torch.Tensor:
         h = self.tap("embeddings", self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, None if cache is None else cache[i])
+            h = layer(h, steps[layer.window], None if cache is None else cache[i])
         if last is not None:
             h = h[torch.arange(len(h), device=h.device), last][:, None]  # (B, 1, dim)
         h = self.tap("norm", self.norm(h))

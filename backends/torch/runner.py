@@ -12,7 +12,7 @@ from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
 from backends.torch.model import Linear, Transformer
 from mistral.args import ModelArgs
-from mistral.cache import StepPlan, plan_prefill
+from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.rope import inv_frequencies
 from mistral.taps import as_row
@@ -95,33 +95,38 @@ class Runner:
         self.dtype = dtype_name(dtype)
         self.inv_freq = torch.from_numpy(inv_frequencies(args.head_dim, args.rope_theta)).to(device)
 
-    def new_cache(self, batch: int, size: int) -> list[LayerCache]:
-        return self.model.new_cache(batch, size)
+    def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
+        return self.model.new_cache(batch, dict(sizes))
 
     @torch.inference_mode()
     def forward(
-        self, tokens: np.ndarray, plan: StepPlan, cache: list[LayerCache] | None, last_only: bool
+        self,
+        tokens: np.ndarray,
+        plans: Mapping[Window, StepPlan],
+        cache: list[LayerCache] | None,
+        last_only: bool,
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
-        step = Step.from_plan(plan, self.inv_freq)
+        steps = {w: Step.from_plan(plan, self.inv_freq) for w, plan in plans.items()}
         x = torch.from_numpy(tokens).to(self.torch_device)
         last = None
-        if last_only:
-            last = torch.from_numpy(plan.last_index).to(self.torch_device)
-        model = self.decode_model if plan.key_layout == "cache" else self.model
-        out = model(x, step, cache, last)
+        if last_only:  # the same in every window's plan
+            last = torch.from_numpy(next(iter(plans.values())).last_index).to(self.torch_device)
+        decode = all(plan.key_layout == "cache" for plan in plans.values())
+        out = (self.decode_model if decode else self.model)(x, steps, cache, last)
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
 
     @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
-        step = Step.from_plan(plan_prefill([len(tokens)], self.args.sliding_window), self.inv_freq)
+        plans = plan_prefill([len(tokens)], self.args.layer_windows())
+        steps = {w: Step.from_plan(plan, self.inv_freq) for w, plan in plans.items()}
         taps: dict[str, torch.Tensor] = {}
         for recorder in self.model.recorders():
             recorder.store = taps
         try:
-            self.model(torch.tensor([tokens], device=self.torch_device), step)
+            self.model(torch.tensor([tokens], device=self.torch_device), steps)
         finally:
             for recorder in self.model.recorders():
                 recorder.store = None
