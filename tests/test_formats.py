@@ -238,28 +238,41 @@ def test_a_dtype_the_device_cannot_run_is_refused(tmp_path, monkeypatch):
         mistral.load(tmp_path, device="cpu", dtype="float16")
 
 
-def test_mlx_backend_reads_safetensors_without_torch(tmp_path):
-    """A Mac without torch: safetensors load through MLX, a .pth says it needs torch."""
+def test_mlx_backend_reads_safetensors_and_pth_without_torch(tmp_path):
+    """A Mac without torch: safetensors and a torch.save'd .pth both load through MLX (our numpy
+    readers), with the same logits; a damaged .pth is refused in one line."""
     import subprocess
     import sys
 
+    import torch
+
     args = tiny("tiny-dense")
-    write_checkpoint(tmp_path / "st", "mistral", args, random_weights(args, dtype="bfloat16"))
+    weights = random_weights(args, dtype="bfloat16")
+    write_checkpoint(tmp_path / "st", "mistral", args, weights)
     (tmp_path / "pth").mkdir()
     (tmp_path / "pth" / "params.json").write_text((tmp_path / "st" / "params.json").read_text())
-    (tmp_path / "pth" / "consolidated.00.pth").write_bytes(b"not read")
+    state = {
+        k: torch.from_numpy(t.data.view(np.int16).copy()).view(torch.bfloat16)
+        for k, t in weights.items()
+    }
+    torch.save(state, tmp_path / "pth" / "consolidated.00.pth")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "params.json").write_text((tmp_path / "st" / "params.json").read_text())
+    (tmp_path / "bad" / "consolidated.00.pth").write_bytes(b"not read")
     code = f"""
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
 import mistral
-m = mistral.load({str(tmp_path / "st")!r}, backend="mlx", device="cpu")
-print(m.logits([[1, 2, 3]])[0].shape)
+a = mistral.load({str(tmp_path / "st")!r}, backend="mlx", device="cpu").logits([[1, 2, 3]])[0]
+b = mistral.load({str(tmp_path / "pth")!r}, backend="mlx", device="cpu").logits([[1, 2, 3]])[0]
+print(a.shape, np.array_equal(a, b))
 try:
-    mistral.load({str(tmp_path / "pth")!r}, backend="mlx", device="cpu")
+    mistral.load({str(tmp_path / "bad")!r}, backend="mlx", device="cpu")
 except mistral.MistralError as e:
     print(e)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert "(3, 256)" in out.stdout
-    assert "reading a .pth checkpoint needs torch" in out.stdout
+    assert "(3, 256) True" in out.stdout
+    assert "not a plain tensor checkpoint" in out.stdout
