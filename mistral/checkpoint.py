@@ -46,8 +46,14 @@ class Checkpoint:
     tensors: Tensors
 
     @property
+    def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files the folder holds, best first; one that leads out of the folder (a
+        link to elsewhere) is refused."""
+        return [inside(self.path, f) for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    @property
     def tokenizer_path(self) -> Path | None:
-        return next((self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()), None)
+        return next(iter(self.tokenizer_files), None)
 
 
 def inside(folder: Path, name: str) -> Path:

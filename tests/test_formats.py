@@ -276,3 +276,20 @@ except mistral.MistralError as e:
     assert out.returncode == 0, out.stderr
     assert "(3, 256) True" in out.stdout
     assert "not a plain tensor checkpoint" in out.stdout
+
+
+def test_files_a_folder_names_stay_inside_it(tmp_path):
+    """A tokenizer linked to a file elsewhere, or an index naming a shard outside, is refused."""
+    args = tiny("tiny-dense")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("private")
+    write_checkpoint(tmp_path / "m", "mistral", args, random_weights(args))
+    (tmp_path / "m" / "tokenizer.model").symlink_to(outside)
+    with pytest.raises(MistralError, match="points outside the model folder"):
+        mistral.load(tmp_path / "m")
+    write_checkpoint(tmp_path / "h", "hf", args, random_weights(args))
+    (tmp_path / "h" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    index = {"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}
+    (tmp_path / "h" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MistralError, match="points outside the model folder"):
+        read_checkpoint(tmp_path / "h")

@@ -13,7 +13,7 @@ import simple_parsing as sp
 from tqdm import tqdm
 
 from mistral.chat import template_version
-from mistral.checkpoint import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 from mistral.weights import cast_nbytes
@@ -87,6 +87,7 @@ class Convert:
 
     def run(self) -> None:
         ckpt = read_checkpoint(self.src)
+        tokenizers = ckpt.tokenizer_files  # checked before anything is written
         dst = Path(self.dst)
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise MistralError(f"{dst} exists and is not empty: choose a new folder")
@@ -95,7 +96,6 @@ class Convert:
             total=total, unit="B", unit_scale=True, desc=f"{ckpt.format} -> {self.to}", disable=None
         ) as bar:
             write_checkpoint(dst, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
-        for name in TOKENIZER_FILES:
-            if (ckpt.path / name).is_file():
-                shutil.copy(ckpt.path / name, dst / name)
+        for path in tokenizers:
+            shutil.copy(path, dst / path.name)
         print(f"wrote {dst} ({self.to} format)", file=sys.stderr)
