@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import Any
 from simple_parsing.helpers import Serializable
 
 from mistral.errors import MistralError
+from mistral.files import read_json
 
 # The original reference (mistral-src, and Hugging Face's conversion script) used 1e4 when
 # params.json has no rope_theta, as Mistral 7B v0.1's params.json relies on.
@@ -59,13 +60,7 @@ class ModelArgs(Serializable):
     @classmethod
     def from_file(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
-        try:
-            params = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MistralError(f"{path}: cannot read JSON ({e})") from None
-        if not isinstance(params, dict):
-            raise MistralError(f"{path}: expected a JSON object")
-        return from_params(params, str(path))
+        return from_params(read_json(path), str(path))
 
     def to_params(self) -> dict[str, Any]:
         """The params.json dict (optional keys left out when unset)."""
@@ -129,8 +124,8 @@ def validate(a: ModelArgs) -> None:
             raise MistralError(f"{name} must be a positive integer, got {v!r}")
     for name in ("norm_eps", "rope_theta"):
         v = getattr(a, name)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise MistralError(f"{name} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
+            raise MistralError(f"{name} must be a positive number (and finite), got {v!r}")
     if a.n_heads % a.n_kv_heads:
         raise MistralError(f"n_heads ({a.n_heads}) is not divisible by n_kv_heads ({a.n_kv_heads})")
     if a.head_dim % 2:

@@ -22,6 +22,8 @@ import numpy as np
 from mistral import hf
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
+from mistral.files import inside, read_json
+from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
 from mistral.safetensors_file import read_tensors, write_tensors
 from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
@@ -56,25 +58,6 @@ class Checkpoint:
         return next(iter(self.tokenizer_files), None)
 
 
-def inside(folder: Path, name: str) -> Path:
-    """``folder / name``, refused unless it resolves inside the folder (a file a folder names
-    must not reach out of it through "..", an absolute path or a link)."""
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise MistralError(f"{folder}: {name!r} points outside the model folder")
-    return path
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MistralError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MistralError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_config(path: Path) -> ModelArgs:
     """params.json (Mistral's keys), or a config.json in Hugging Face's keys (it names its
     model_type) or in Mistral's (as mlx-examples wrote them)."""
@@ -89,7 +72,7 @@ def read_config(path: Path) -> ModelArgs:
 def read_safetensors_set(path: Path, stem: str) -> Tensors:
     """``stem``.safetensors, or the shards its index names, or the files ``stem``*.safetensors."""
     index = path / f"{stem}.safetensors.index.json"
-    if (path / f"{stem}.safetensors").is_file():
+    if (path / f"{stem}.safetensors").exists():
         files = [path / f"{stem}.safetensors"]
     elif index.is_file():
         names = read_json(index).get("weight_map")
@@ -102,31 +85,17 @@ def read_safetensors_set(path: Path, stem: str) -> Tensors:
         raise MistralError(f"{path}: no {stem}.safetensors (or its shards)")
     out: Tensors = {}
     for f in files:
-        if not f.is_file():
+        if not f.exists():
             raise MistralError(f"{path}: shard {f.name} is missing")
         out.update(read_tensors(f))
     return out
-
-
-def read_npz(path: Path) -> Tensors:
-    try:
-        archive = np.load(path, allow_pickle=False)
-        out = {}
-        for name in archive.files:
-            a = archive[name]  # npz members are read one at a time
-            if a.dtype.name not in DTYPES:
-                raise MistralError(f"{path}: {name} has unsupported dtype {a.dtype}")
-            out[name] = RawTensor(a.dtype.name, a)
-        return out
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise MistralError(f"{path}: unreadable npz ({e})") from None
 
 
 def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
     args = read_config(path / "params.json")
     if any(path.glob("consolidated*.safetensors")):
         return args, read_safetensors_set(path, "consolidated")
-    if (path / "consolidated.00.pth").is_file():
+    if (path / "consolidated.00.pth").exists():
         return args, read_pth(path / "consolidated.00.pth")
     raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Iterator
 
 import numpy as np
@@ -14,9 +15,14 @@ from mistral.sampling import sample
 
 def check_batch(batch: list[list[int]], vocab_size: int) -> None:
     """Rejects empty batches, empty rows and ids outside the vocabulary, naming the row."""
+    if not isinstance(batch, list | tuple):
+        kind = type(batch).__name__
+        raise MistralError(f"the batch must be a list of rows of token ids, not a {kind}")
     if not batch:
         raise MistralError("the batch is empty")
     for i, row in enumerate(batch):
+        if not isinstance(row, list | tuple | np.ndarray):
+            raise MistralError(f"row {i} is not a list of integer token ids")
         if len(row) == 0:
             raise MistralError(f"row {i} is empty")
         a = np.asarray(row)
@@ -27,6 +33,32 @@ def check_batch(batch: list[list[int]], vocab_size: int) -> None:
             raise MistralError(
                 f"row {i}: token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})"
             )
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def check_options(
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    chunk_size: int | None,
+) -> None:
+    """Refuses, naming it, a generation option of the wrong type or out of range (NaN too)."""
+    if not is_int(max_tokens) or max_tokens < 0:
+        raise MistralError(f"max_tokens must be >= 0 (an integer), got {max_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise MistralError(f"temperature must be a number, got {temperature!r}")
+    if not 0 <= temperature < math.inf:
+        raise MistralError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise MistralError(f"seed must be an integer >= 0 or None, got {seed!r}")
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size <= 0):
+        raise MistralError(f"chunk_size must be positive, got {chunk_size!r}")
 
 
 def pad(rows: list[list[int]]) -> np.ndarray:
@@ -48,11 +80,15 @@ class Session:
     def feed(
         self, rows: list[list[int]], chunk_size: int | None, last_only: bool
     ) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Feeds rows their new tokens (maybe none) in chunks; yields (seqlens, logits) each."""
+        """Feeds rows their new tokens (maybe none) in chunks of ``chunk_size`` (None: of the
+        longest window when every layer has one, so a prompt's masks and activations grow
+        linearly with its length; else whole); yields (seqlens, logits) per chunk."""
         longest = max(len(r) for r in rows)
-        chunk = longest if chunk_size is None else chunk_size
-        if chunk <= 0:
-            raise MistralError(f"chunk_size must be positive, got {chunk_size}")
+        windows = self.runner.args.layer_windows()
+        whole = longest if None in windows else max(windows)
+        chunk = whole if chunk_size is None else chunk_size
+        if not is_int(chunk) or chunk <= 0:
+            raise MistralError(f"chunk_size must be positive, got {chunk_size!r}")
         for start in range(0, longest, chunk):
             pieces = [r[start : start + chunk] for r in rows]
             seqlens = [len(p) for p in pieces]
@@ -84,10 +120,7 @@ def stream(
 ) -> Generator[list[int | None], None, None]:
     """Yields, per step, the new token of every row (None once a row has produced ``eos_id``)."""
     check_batch(prompts, runner.args.vocab_size)
-    if max_tokens < 0:
-        raise MistralError(f"max_tokens must be >= 0, got {max_tokens}")
-    if not 0 < top_p <= 1:
-        raise MistralError(f"top_p must be in (0, 1], got {top_p}")
+    check_options(max_tokens, temperature, top_p, seed, chunk_size)
     if session is None:
         longest = max(len(p) for p in prompts) + max_tokens
         session = Session(runner, len(prompts), longest)

@@ -208,5 +208,8 @@ def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str
             t = permute_rows(t, args.n_heads, to_hf=True)
         elif key.endswith("attention.wk.weight"):
             t = permute_rows(t, args.n_kv_heads, to_hf=True)
-        out[to_hf_name(key)] = t
+        name = to_hf_name(key)
+        if name is None:
+            raise MistralError(f"{key} has no Hugging Face name: not a tensor of the spec")
+        out[name] = t
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral.errors import MistralError
+from mistral.files import regular_file, zip_member_offset
 from mistral.weights import RawTensor
 
 # torch's legacy typed storage classes, which name the dtype of each storage record.
@@ -133,21 +134,10 @@ class _Unpickler(pickle.Unpickler):
             info = self.zf.getinfo(member)
         except KeyError:
             raise MistralError(f"missing member {member}") from None
-        start, nbytes = _member_offset(self.mm, info), numel * np.dtype(np_type).itemsize
+        start, nbytes = zip_member_offset(self.mm, info), numel * np.dtype(np_type).itemsize
         if info.file_size < nbytes or start + nbytes > len(self.mm):
             raise MistralError(f"storage {member} holds {info.file_size} bytes, needs {nbytes}")
         return _Storage(dtype, self.mm[start : start + nbytes].view(np_type))
-
-
-def _member_offset(mm: np.ndarray, info: zipfile.ZipInfo) -> int:
-    """Where a stored (uncompressed) member's bytes start, from its local file header."""
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
-        raise MistralError(f"member {info.filename} is compressed or encrypted")
-    head = mm[info.header_offset : info.header_offset + 30].tobytes()
-    if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        raise MistralError(f"bad local header for member {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
 
 
 def _check_memo(pkl: bytes) -> None:
@@ -161,6 +151,7 @@ def _check_memo(pkl: bytes) -> None:
 def read_pth(path: str | Path) -> dict[str, RawTensor]:
     """Every tensor of a torch.save'd dict of tensors, memory-mapped; refuses anything else."""
     path = Path(path)
+    regular_file(path)
     try:
         got = _read(path)
     except MistralError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral.errors import MistralError
+from mistral.files import regular_file
 from mistral.weights import RawTensor, cast, cast_nbytes
 
 _CODES = {
@@ -21,10 +23,19 @@ _NAMES = {name: code for code, (name, _) in _CODES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (json.loads keeps the last of a duplicate)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+        raise MistralError(f"duplicate key {seen[0]!r}")
+    return out
+
+
+def read_header(path: Path) -> tuple[dict, int, int]:
+    """The JSON header of a safetensors file, the offset where its data starts and its length."""
+    size = regular_file(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -34,34 +45,62 @@ def read_header(path: Path) -> tuple[dict, int]:
                 raise MistralError(f"{path}: corrupt safetensors header (length {n})")
             if n > size - 8:
                 raise MistralError(f"{path}: truncated safetensors file ({size} bytes, header {n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MistralError(f"{path}: corrupt safetensors file ({e})") from None
+            header = json.loads(f.read(n), object_pairs_hook=unique_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deep" if isinstance(e, RecursionError) else e
+        raise MistralError(f"{path}: corrupt safetensors file ({why})") from None
+    except MistralError as e:
+        raise MistralError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise MistralError(f"{path}: corrupt safetensors header")
     header.pop("__metadata__", None)
-    return header, 8 + n
+    return header, 8 + n, size - 8 - n
+
+
+def entry(info: object) -> tuple[str, tuple[int, ...], int, int] | None:
+    """(dtype code, shape, begin, end) of a header entry, or None if it is not well formed."""
+    if not isinstance(info, dict):
+        return None
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        return None
+    if not all(type(x) is int and x >= 0 for x in [*shape, *offsets]):  # bool is not int here
+        return None
+    return code, tuple(shape), offsets[0], offsets[1]
 
 
 def read_tensors(path: str | Path) -> dict[str, RawTensor]:
-    """Every tensor of the file, memory-mapped; checks offsets against the file size."""
+    """Every tensor of the file, memory-mapped. The header must describe ranges that tile the
+    data exactly (no gap, no overlap, nothing past the end), each as long as its shape needs."""
     path = Path(path)
-    header, start = read_header(path)
-    data_len = path.stat().st_size - start
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if data_len else None
-    out = {}
+    header, start, data_len = read_header(path)
+    entries = {}
     for name, info in header.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MistralError(f"{path}: corrupt header entry for {name}") from None
+        parsed = entry(info)
+        if parsed is None:
+            raise MistralError(f"{path}: corrupt header entry for {name}")
+        code, shape, begin, end = parsed
         if code not in _CODES:
             raise MistralError(f"{path}: {name} has unsupported dtype {code}")
+        count = math.prod(shape)  # Python ints: no overflow whatever the header says
+        if end - begin != count * np.dtype(_CODES[code][1]).itemsize:
+            raise MistralError(f"{path}: {name}'s range does not fit its shape {list(shape)}")
+        entries[name] = parsed
+    at = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3])):
+        if begin != at:
+            gap = "overlaps the tensor before it" if begin < at else "leaves a gap before it"
+            raise MistralError(f"{path}: {name}'s data range {gap}")
+        at = end
+    if at != data_len:
+        raise MistralError(
+            f"{path}: truncated or corrupt data ({data_len} bytes, header says {at})"
+        )
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if data_len else None
+    out = {}
+    for name, (code, shape, begin, end) in entries.items():
         dtype, np_type = _CODES[code]
-        count = int(np.prod(shape, dtype=np.int64))
-        if end > data_len or begin > end or end - begin != count * np.dtype(np_type).itemsize:
-            raise MistralError(f"{path}: truncated or corrupt data for {name}")
-        data = mm[begin:end].view(np_type) if count else np.empty(0, np_type)
+        data = mm[begin:end].view(np_type) if end > begin else np.empty(0, np_type)
         out[name] = RawTensor(dtype, data.reshape(shape))
     return out
 

@@ -111,8 +111,19 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_count(args: ModelArgs) -> int:
+    """How many tensors the spec has, without listing them (a config may claim 1e9 layers)."""
+    per_layer = 6 + (3 if args.moe is None else 1 + 3 * args.moe.num_experts)
+    return 3 + args.n_layers * per_layer
+
+
 def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Raises one error listing missing, unexpected and wrongly shaped tensors."""
+    if tensor_count(args) > len(shapes) + 10_000:  # too many to list: say so before listing
+        raise MistralError(
+            f"{source}: the config asks for {tensor_count(args):,} tensors, "
+            f"the checkpoint holds {len(shapes):,}"
+        )
     want = expected_shapes(args)
     problems = []
     missing = [k for k in want if k not in shapes]

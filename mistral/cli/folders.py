@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from mistral.chat import template_version
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
-from mistral.weights import cast_nbytes
+from mistral.weights import cast_nbytes, check_tensors
 
 
 @dataclass
@@ -87,15 +88,27 @@ class Convert:
 
     def run(self) -> None:
         ckpt = read_checkpoint(self.src)
-        tokenizers = ckpt.tokenizer_files  # checked before anything is written
+        # Checked before anything is written: the tensors the spec needs, the tokenizer files.
+        check_tensors(ckpt.args, {k: t.shape for k, t in ckpt.tensors.items()}, str(ckpt.path))
+        tokenizers = ckpt.tokenizer_files
         dst = Path(self.dst)
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise MistralError(f"{dst} exists and is not empty: choose a new folder")
         total = sum(cast_nbytes(t, self.dtype) for t in ckpt.tensors.values())
-        with tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"{ckpt.format} -> {self.to}", disable=None
-        ) as bar:
-            write_checkpoint(dst, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
-        for path in tokenizers:
-            shutil.copy(path, dst / path.name)
+        # Written beside the destination and moved there whole: an interrupted or failed
+        # conversion leaves no folder that looks finished.
+        partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+        try:
+            desc = f"{ckpt.format} -> {self.to}"
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+                write_checkpoint(partial, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
+            for path in tokenizers:
+                shutil.copy(path, partial / path.name)
+            if dst.is_dir():
+                dst.rmdir()  # empty, checked above
+            partial.rename(dst)
+        except OSError as e:
+            raise MistralError(f"cannot write {dst} ({e.strerror or e})") from None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         print(f"wrote {dst} ({self.to} format)", file=sys.stderr)

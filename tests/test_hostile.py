@@ -1,0 +1,202 @@
+"""Hostile files and inputs, each written by the test itself: refused in one line, nothing read
+from outside the folder, nothing allocated before sizes are checked, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral import MistralError
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.npz_file import read_npz
+from mistral.safetensors_file import read_tensors
+from mistral.weights import random_weights
+from tests.helpers import ROOT, tiny
+
+
+def safetensors(path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def f32(shape, begin, end) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        ({"a": f32([2], 0, 8), "b": f32([2], 4, 12)}, 12, "overlaps"),
+        ({"a": f32([2], 0, 8), "b": f32([1], 12, 16)}, 16, "gap"),
+        ({"a": f32([2], -8, 0)}, 8, "corrupt header entry"),
+        ({"a": f32([2], 0, 8)}, 12, "truncated or corrupt data"),  # bytes nobody names
+        ({"a": f32([2], 0, 8)}, 4, "truncated or corrupt data"),
+        ({"a": f32([10**9, 10**9], 0, 8)}, 8, "does not fit its shape"),  # no allocation
+        ({"a": f32([2, "3"], 0, 8)}, 8, "corrupt header entry"),
+        ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, 8, "unsupported dtype"),
+    ],
+)
+def test_safetensors_ranges_must_tile_the_data(tmp_path, header, data, message):
+    safetensors(tmp_path / "x.safetensors", header, bytes(data))
+    with pytest.raises(MistralError, match=message):
+        read_tensors(tmp_path / "x.safetensors")
+
+
+def test_safetensors_duplicate_names_and_deep_json(tmp_path):
+    raw = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}'
+    (tmp_path / "d.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(MistralError, match="duplicate key 'a'"):
+        read_tensors(tmp_path / "d.safetensors")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "n.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(MistralError, match="nested too deep"):
+        read_tensors(tmp_path / "n.safetensors")
+
+
+def test_only_regular_files_are_read(tmp_path):
+    """A FIFO would block the reader forever."""
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    (tmp_path / "consolidated.safetensors").unlink()
+    os.mkfifo(tmp_path / "consolidated.safetensors")
+    with pytest.raises(MistralError, match="not a regular file"):
+        read_checkpoint(tmp_path)
+    (tmp_path / "consolidated.safetensors").unlink()
+    os.mkfifo(tmp_path / "consolidated.00.pth")
+    with pytest.raises(MistralError, match="not a regular file"):
+        read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("norm_eps", "Infinity"), ("rope_theta", "NaN")])
+def test_params_that_are_not_finite(tmp_path, key, value):
+    params = {**tiny("tiny-dense").to_params(), key: "VALUE"}
+    (tmp_path / "params.json").write_text(json.dumps(params).replace('"VALUE"', value))
+    with pytest.raises(MistralError, match=f"{key} must be a positive number"):
+        mistral.ModelArgs.from_file(tmp_path / "params.json")
+
+
+def test_params_that_are_not_text_or_too_deep(tmp_path):
+    (tmp_path / "params.json").write_bytes(b'{"dim": "\xff\xfe"}')
+    with pytest.raises(MistralError, match="cannot read JSON"):
+        mistral.ModelArgs.from_file(tmp_path / "params.json")
+    (tmp_path / "params.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MistralError, match="nested too deep"):
+        mistral.ModelArgs.from_file(tmp_path / "params.json")
+
+
+def test_a_config_claiming_a_billion_layers_is_refused_before_listing_them(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    params = {**args.to_params(), "n_layers": 10**9}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(MistralError, match="asks for 9,000,000,003 tensors"):
+        mistral.load(tmp_path, device="cpu")
+
+
+def test_npz_members_are_mapped_and_checked(tmp_path):
+    args = tiny("tiny-dense")
+    weights = {k: t.data for k, t in random_weights(args, dtype="float16").items()}
+    np.savez(tmp_path / "w.npz", **weights)
+    got = read_npz(tmp_path / "w.npz")
+    t = got["norm.weight"]
+    assert np.array_equal(t.data, weights["norm.weight"]) and t.dtype == "float16"
+    base = t.data
+    while not isinstance(base, np.memmap) and base.base is not None:
+        base = base.base
+    assert isinstance(base, np.memmap)  # mapped, not read
+    np.savez_compressed(tmp_path / "c.npz", a=np.zeros(10**6, np.float32))  # a bomb, small
+    with pytest.raises(MistralError, match="compressed"):
+        read_npz(tmp_path / "c.npz")
+    np.savez(tmp_path / "o.npz", a=np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(MistralError, match="unsupported dtype object"):
+        read_npz(tmp_path / "o.npz")
+    with zipfile.ZipFile(tmp_path / "p.npz", "w") as zf:
+        zf.writestr("a.npy", b"\x80\x04K\x01.")  # a raw pickle, not an .npy
+    with pytest.raises(MistralError, match="unreadable npz"):
+        read_npz(tmp_path / "p.npz")
+
+
+def run_cli(*argv: str, code: str = "") -> subprocess.CompletedProcess:
+    script = code + "\nimport sys, mistral.cli\nsys.exit(mistral.cli.main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+
+
+def test_convert_refuses_unknown_tensors_and_leaves_nothing(tmp_path):
+    args = tiny("tiny-dense")
+    weights = random_weights(args)
+    weights["layers.0.extra.weight"] = weights["norm.weight"]
+    write_checkpoint(tmp_path / "src", "mistral", args, weights)
+    out = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "hf")
+    assert out.returncode == 1 and "unexpected: layers.0.extra.weight" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "dst").exists()
+
+
+def test_an_interrupted_conversion_leaves_no_folder_that_looks_whole(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path / "src", "mistral", args, random_weights(args))
+    fail = (
+        "import mistral.safetensors_file as s, mistral.checkpoint as c\n"
+        "def broken(*a, **k):\n    raise OSError(28, 'No space left on device')\n"
+        "c.write_tensors = broken\n"
+    )
+    out = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "dst"), code=fail)
+    assert out.returncode == 1 and "No space left on device" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": float("nan")}, "temperature must be >= 0 and finite"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"max_tokens": 2.5}, "max_tokens must be >= 0"),
+        ({"top_p": float("nan")}, "top_p must be in"),
+        ({"chunk_size": 1.5}, "chunk_size must be positive"),
+    ],
+)
+def test_generation_options_are_checked(kwargs, message):
+    args = tiny("tiny-dense")
+    model = mistral.from_tensors(args, random_weights(args), device="cpu")
+    options = {"max_tokens": 3, **kwargs}
+    with pytest.raises(MistralError, match=message):
+        model.generate([[1, 2, 3]], **options)
+
+
+def test_a_batch_of_the_wrong_type_is_named():
+    args = tiny("tiny-dense")
+    model = mistral.from_tensors(args, random_weights(args), device="cpu")
+    with pytest.raises(MistralError, match="the batch must be a list of rows"):
+        model.generate(np.ones((2, 3), dtype=np.int64), 2)
+    with pytest.raises(MistralError, match="row 0 is not a list"):
+        model.logits([5])
+
+
+def test_a_long_prompt_is_fed_in_windows(monkeypatch):
+    """With a window in every layer, a prompt is fed a window at a time: its masks grow
+    linearly with its length (one shot, a 45k-token prompt asked for a 2 GB mask)."""
+    args = tiny("tiny-window")
+    model = mistral.from_tensors(args, random_weights(args), device="cpu")
+    seen = []
+    forward = model.runner.forward
+
+    def spy(tokens, plans, cache, last_only):
+        seen.append(max(plan.mask.shape[1] * plan.mask.shape[2] for plan in plans.values()))
+        return forward(tokens, plans, cache, last_only)
+
+    monkeypatch.setattr(model.runner, "forward", spy)
+    W = args.sliding_window
+    model.generate([list(range(1, 10 * W))], 1)
+    assert len(seen) == 10 and max(seen) <= W * 2 * W
