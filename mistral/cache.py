@@ -206,16 +206,28 @@ class Planner:
         return next(iter(self.books.values())).lengths
 
     def step(self, seqlens: list[int] | np.ndarray) -> dict[Window, StepPlan]:
-        return {w: book.step(seqlens) for w, book in self.books.items()}
+        """CacheBook.step for every window, or for none (the error of the one that refuses)."""
+        saved = self.state()
+        try:
+            return {w: book.step(seqlens) for w, book in self.books.items()}
+        except MistralError:
+            self.restore(saved)
+            raise
 
     def rewind(self, lengths: list[int]) -> bool:
         """CacheBook.rewind for every window, or for none (False) if one cannot."""
-        saved = [(book.slot_pos, book.lengths) for book in self.books.values()]
+        saved = self.state()
         if all(book.rewind(lengths) for book in self.books.values()):
             return True
-        for book, (slot_pos, seen) in zip(self.books.values(), saved, strict=True):
-            book.slot_pos, book.lengths = slot_pos, seen
+        self.restore(saved)
         return False
+
+    def state(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(book.slot_pos, book.lengths) for book in self.books.values()]
+
+    def restore(self, state: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for book, (slot_pos, seen) in zip(self.books.values(), state, strict=True):
+            book.slot_pos, book.lengths = slot_pos, seen
 
 
 def plan_prefill(seqlens: list[int], windows: Iterable[Window]) -> dict[Window, StepPlan]:

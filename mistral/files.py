@@ -14,14 +14,20 @@ from mistral.errors import MistralError
 
 
 def inside(folder: Path, name: str) -> Path:
-    """``folder / name``, refused unless it resolves inside the folder (a file a folder names
-    must not reach out of it through "..", an absolute path or a link)."""
+    """``folder / name``, refused unless it stays inside the folder: the name may not climb out
+    ("..", an absolute path), and a link must resolve inside the folder or, for a snapshot of
+    Hugging Face's hub cache (``.../snapshots/<revision>/``), inside that repository's blobs/."""
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise MistralError(f"{folder}: {name!r} points outside the model folder")
     try:
-        path = (folder / name).resolve(strict=False)
-        root = folder.resolve()
+        target = path.resolve()
+        roots = [folder.resolve()]
+        if folder.parent.name == "snapshots":
+            roots.append((folder.parent.parent / "blobs").resolve())
     except (OSError, RuntimeError) as e:  # a symlink loop
-        raise MistralError(f"{folder / name}: cannot resolve ({e})") from None
-    if not path.is_relative_to(root):
+        raise MistralError(f"{path}: cannot resolve ({e})") from None
+    if not any(target.is_relative_to(root) for root in roots):
         raise MistralError(f"{folder}: {name!r} points outside the model folder")
     return path
 

@@ -24,7 +24,8 @@ PACKAGES = ("mistral", "backends")
 def imports_of(path, modules) -> set[str]:
     """The project modules a file imports when it runs (functions' imports included; imports
     only for type checkers, under ``if TYPE_CHECKING``, left out). ``from package import module``
-    imports the module; the package's own __init__ runs first whatever is imported from it."""
+    counts as importing the module. (Python also runs a package's __init__ before any of its
+    modules; mistral/__init__ imports the API, which is why it may import no backend.)"""
     tree = ast.parse(path.read_text())
     skipped = set()
     for node in ast.walk(tree):
@@ -164,10 +165,10 @@ def structure(source: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "name, threshold, same_structure",
-    [("model.py", 0.70, True), ("cache.py", 0.70, True), ("runner.py", 0.48, False)],
+    [("model.py", 0.71, True), ("cache.py", 0.70, True), ("runner.py", 0.50, False)],
 )
 def test_backend_files_stay_twins(name, threshold, same_structure):
-    """Thresholds taken from the files as written: 72% and 70% of lines identical for the model
+    """Thresholds taken from the files as written: 71% and 70% of lines identical for the model
     and cache files, 50% for the runners (39% for the runtime files they replaced)."""
     torch_src = (ROOT / "backends" / "torch" / name).read_text()
     mlx_src = (ROOT / "backends" / "mlx" / name).read_text()

@@ -156,3 +156,18 @@ def test_rewind_within_the_buffer_and_refusal_past_it():
     assert not book.rewind([3])
     assert book.lengths[0] == 9
     assert book.rewind([8])
+
+
+def test_planner_steps_every_window_or_none():
+    """Books of a sliding and a full layer: a step the full buffer cannot hold changes neither."""
+    from mistral.cache import Planner
+
+    planner = Planner(1, 10, [4, None, 4])
+    assert planner.sizes == {4: 4, None: 10}
+    planner.step([8])
+    with pytest.raises(MistralError, match="exceeds the cache"):
+        planner.step([5])
+    assert [int(b.lengths[0]) for b in planner.books.values()] == [8, 8]
+    plans = planner.step([2])
+    assert plans[None].positions.tolist() == plans[4].positions.tolist() == [[8, 9]]
+    assert not planner.rewind([1]) and int(planner.lengths[0]) == 10  # window 4 lost position 1

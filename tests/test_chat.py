@@ -6,6 +6,7 @@ import pytest
 
 import mistral
 from mistral.chat import Chat, Message, encode_chat
+from mistral.contract import BACKENDS
 from mistral.generate import Session
 from mistral.tokenizer import Tokenizer
 from mistral.weights import random_weights
@@ -37,7 +38,7 @@ def fed(monkeypatch):
 TURNS = ["Tell me of the sea.", "And of the rivers?", "Thank you; one more word."]
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "name, system, window", [(V1, "Be brief.", None), (V3, "Be brief.", None), (V1, None, 16)]
 )

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from mistral.contract import BACKENDS
 from tests.helpers import ROOT, V1, mistral_common_file
 
 DEFAULT = ROOT / "mistral" / "default_model"
@@ -40,7 +41,7 @@ def test_help_explains_every_command(command):
     assert "(default:" in out.stdout
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_on_the_default_model(backend):
     out = run(
         "generate", "--prompt", "And it came to pass", "--max-tokens", "40", "--backend", backend

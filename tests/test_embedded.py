@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import mistral
+from mistral.contract import BACKENDS
 from mistral.tokenizer import Tokenizer
 from tests.helpers import ROOT
 
@@ -42,7 +43,7 @@ def test_shape_window_and_tokenizer(tok):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_agrees_with_float32_on_argmax(rows, backend, dtype):
     full = mistral.load(DEFAULT, backend=backend, device="cpu", dtype="float32")
     half = mistral.load(DEFAULT, backend=backend, device="cpu", dtype=dtype)

@@ -213,7 +213,7 @@ def test_quantized_mlx_lm_folders_are_refused(tmp_path):
         read_checkpoint(tmp_path / "q")
 
 
-def test_permutation_is_a_view_not_a_copy():
+def test_permutation_is_lazy_and_cancels_out():
     t = RawTensor("float32", np.arange(32, dtype=np.float32).reshape(8, 4))
     from mistral.hf import permute_rows
 

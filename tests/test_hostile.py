@@ -3,8 +3,10 @@ from outside the folder, nothing allocated before sizes are checked, nothing hal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -200,3 +202,26 @@ def test_a_long_prompt_is_fed_in_windows(monkeypatch):
     W = args.sliding_window
     model.generate([list(range(1, 10 * W))], 1)
     assert len(seen) == 10 and max(seen) <= W * 2 * W
+
+
+def test_links_into_the_hugging_face_hub_cache_are_followed(tmp_path):
+    """The hub cache keeps a snapshot's files as links to ../../blobs/: those load; a link to a
+    file elsewhere does not."""
+    args = dataclasses.replace(tiny("tiny-dense"), vocab_size=2048)  # the embedded tokenizer's
+    write_checkpoint(tmp_path / "plain", "hf", args, random_weights(args))
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted((tmp_path / "plain").iterdir())):
+        f.rename(repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    shutil.copy(ROOT / "mistral" / "default_model" / "tokenizer.model", repo / "blobs" / "tok")
+    (snapshot / "tokenizer.model").symlink_to("../../blobs/tok")
+    model = mistral.load(snapshot, device="cpu")
+    assert model.tokenizer is not None and len(model.generate([[1, 2]], 2)[0]) == 2
+    (tmp_path / "home.txt").write_text("private")
+    (snapshot / "tokenizer.model").unlink()
+    (snapshot / "tokenizer.model").symlink_to(tmp_path / "home.txt")
+    with pytest.raises(MistralError, match="points outside the model folder"):
+        mistral.load(snapshot, device="cpu")

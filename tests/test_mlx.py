@@ -8,6 +8,7 @@ import mistral.cache
 from mistral import MistralError
 from mistral.cache import CacheBook, StepPlan
 from mistral.checkpoint import write_checkpoint
+from mistral.contract import BACKENDS
 from mistral.weights import random_weights
 from tests.helpers import max_diff, mlx_lm_logits, mlx_lm_model, random_rows, tiny
 
@@ -114,7 +115,7 @@ class ShuffledBook(CacheBook):
         )
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_follow_the_shared_plan(monkeypatch, backend):
     args = tiny("tiny-window")
     model = mistral.from_tensors(args, random_weights(args, 3), backend=backend, device="cpu")

@@ -49,11 +49,11 @@ class LayerCache:
         size: int,
         n_kv_heads: int,
         head_dim: int,
-        like: mx.array,  # takes its dtype
+        dtype: mx.Dtype,
     ) -> None:
         shape = (batch, n_kv_heads, size, head_dim)
-        self.k = mx.zeros(shape, dtype=like.dtype)
-        self.v = mx.zeros(shape, dtype=like.dtype)
+        self.k = mx.zeros(shape, dtype=dtype)  # on the default device: the runner's
+        self.v = mx.zeros(shape, dtype=dtype)
 
     def update(self, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
         """Stores new (B, Hkv, T, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""

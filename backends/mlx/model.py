@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear whose product x @ weight.T the runtime's build may give to a faster
+    """A bias-free nn.Linear whose product x @ weight.T the runner's build may give to a faster
     kernel for the device (`kernel`, a callable (x, weight)); None keeps the framework's own."""
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
@@ -58,8 +58,8 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.tap = tap
 
-    def new_cache(self, batch: int, size: int) -> LayerCache:
-        return LayerCache(batch, size, self.n_kv_heads, self.head_dim, like=self.wk.weight)
+    def new_cache(self, batch: int, size: int, dtype: mx.Dtype) -> LayerCache:
+        return LayerCache(batch, size, self.n_kv_heads, self.head_dim, dtype)
 
     def __call__(self, x: mx.array, step: Step, cache: LayerCache | None) -> mx.array:
         B, T, _ = x.shape
@@ -97,7 +97,7 @@ class MoeLayer(nn.Module):
         self.num_experts_per_tok = args.moe.num_experts_per_tok
         self.gate = Linear(args.dim, args.moe.num_experts)
         self.experts = [FeedForward(args) for _ in range(args.moe.num_experts)]
-        # The experts' w1, w2, w3 stacked, (E, out, in), once the runtime sets them (stack_experts).
+        # The experts' w1, w2, w3 stacked, (E, out, in), once the build sets them (stack_experts).
         self.stacked: tuple[mx.array, mx.array, mx.array] | None = None
         self.tap = tap
 
@@ -155,8 +155,10 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         self.tap = Recorder()
 
-    def new_cache(self, batch: int, sizes: dict[Window, int]) -> list[LayerCache]:
-        return [layer.attention.new_cache(batch, sizes[layer.window]) for layer in self.layers]
+    def new_cache(self, batch: int, sizes: dict[Window, int], dtype: mx.Dtype) -> list[LayerCache]:
+        return [
+            layer.attention.new_cache(batch, sizes[layer.window], dtype) for layer in self.layers
+        ]
 
     def recorders(self) -> Iterator[Recorder]:
         yield self.tap

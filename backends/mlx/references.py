@@ -23,7 +23,7 @@ from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
 
-class Recorder(nn.Module):
+class RopeRecorder(nn.Module):
     """Wraps mlx-lm's rope module to keep what it returns (queries, then keys)."""
 
     def __init__(self, rope: nn.Module, seen: list) -> None:
@@ -78,7 +78,7 @@ class MlxLmReference:
                 p = f"layers.{i}."
                 seen: list[mx.array] = []
                 rope = layer.self_attn.rope
-                layer.self_attn.rope = Recorder(rope, seen)
+                layer.self_attn.rope = RopeRecorder(rope, seen)
                 try:
                     x = taps[p + "attention_norm"] = layer.input_layernorm(h)
                     r = taps[p + "attention"] = layer.self_attn(x, mask)

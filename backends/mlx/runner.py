@@ -80,12 +80,14 @@ class Runner:
         self.args = args
         self.model = model
         self.mx_device = device
+        self.mx_dtype = dtype
         self.device = "gpu" if device == mx.gpu else "cpu"
         self.dtype = dtype_name(dtype)
         self.freqs = mx.array(1.0 / inv_frequencies(args.head_dim, args.rope_theta))
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
-        return self.model.new_cache(batch, dict(sizes))
+        with mx.stream(self.mx_device):
+            return self.model.new_cache(batch, dict(sizes), self.mx_dtype)
 
     def forward(
         self,

@@ -49,11 +49,11 @@ class LayerCache:
         size: int,
         n_kv_heads: int,
         head_dim: int,
-        like: torch.Tensor,  # takes its dtype and device
+        dtype: torch.dtype,
     ) -> None:
         shape = (batch, n_kv_heads, size, head_dim)
-        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.k = torch.zeros(shape, dtype=dtype)  # on the default device: the runner's
+        self.v = torch.zeros(shape, dtype=dtype)
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, step: Step

@@ -91,12 +91,14 @@ class Runner:
         self.model = model
         self.decode_model = model  # the model of decode steps (compiled, where asked for)
         self.torch_device = device
+        self.torch_dtype = dtype
         self.device = str(device)
         self.dtype = dtype_name(dtype)
         self.inv_freq = torch.from_numpy(inv_frequencies(args.head_dim, args.rope_theta)).to(device)
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
-        return self.model.new_cache(batch, dict(sizes))
+        with torch.device(self.torch_device):
+            return self.model.new_cache(batch, dict(sizes), self.torch_dtype)
 
     @torch.inference_mode()
     def forward(

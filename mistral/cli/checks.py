@@ -13,6 +13,7 @@ import simple_parsing as sp
 from mistral.args import ModelArgs
 from mistral.bench import BenchSetup, format_report, run_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, read_checkpoint
+from mistral.contract import BACKENDS
 from mistral.diff import load_side, plot, run_diff
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
@@ -52,7 +53,6 @@ class Diff:
     """Draw the error per layer for each tap kind to this PNG file."""
 
     def run(self) -> None:
-
         ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
         ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
         if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
@@ -103,7 +103,7 @@ class Bench:
     """Use seeded random weights (implied by --config)."""
     window: int | None = None
     """Override the sliding window of --config (e.g. to measure memory past the window)."""
-    backend: str = sp.choice("torch", "mlx", default="torch")
+    backend: str = sp.choice(*BACKENDS, default="torch")
     """Our backend to measure."""
     device: str | None = None
     """Device, as for generate (default: the best available)."""
@@ -130,13 +130,14 @@ class Bench:
     """Also write the report as JSON to this file."""
 
     def run(self) -> None:
-
         if self.config:
             path = Path(self.config)
             if not path.exists():
                 path = CONFIGS / f"{self.config}.json"
             if not path.exists():
-                raise MistralError(f"no config {self.config!r} (a name from configs/ or a path)")
+                raise MistralError(
+                    f"no config {self.config!r} (a name from mistral/configs/ or a path)"
+                )
             args = ModelArgs.from_file(path)
             if self.window:
                 args = dataclasses.replace(args, sliding_window=self.window)

@@ -30,7 +30,6 @@ class Info:
     """Print JSON instead of text."""
 
     def run(self) -> None:
-
         ckpt = read_checkpoint(self.path)
         params = sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
         dtypes = sorted({t.dtype for t in ckpt.tensors.values()})

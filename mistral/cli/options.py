@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import simple_parsing as sp
 
 import mistral
-from mistral.checkpoint import TOKENIZER_FILES
+from mistral.checkpoint import DEFAULT_MODEL, TOKENIZER_FILES, read_checkpoint
+from mistral.contract import BACKENDS
 from mistral.errors import MistralError
 
 
@@ -19,7 +20,7 @@ class ModelOptions:
     model: str | None = None
     """Model folder (Mistral, Hugging Face or MLX layout). Default: the small KJV model shipped in
     mistral/default_model."""
-    backend: str = sp.choice("torch", "mlx", default="torch")
+    backend: str = sp.choice(*BACKENDS, default="torch")
     """Framework that runs the model."""
     device: str | None = None
     """torch: cpu, cuda, cuda:N, mps; mlx: gpu, cpu. Default: the best available."""
@@ -32,14 +33,15 @@ class ModelOptions:
     CUDA). The first steps are slow while it compiles."""
 
     def load(self) -> mistral.Model:
-        """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs."""
-        model = mistral.load(
-            self.model, self.backend, self.device, self.dtype, self.compile, self.tokenizer
-        )
-        if model.tokenizer is None:
+        """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
+        checked before the weights go to the device."""
+        folder = read_checkpoint(self.model or DEFAULT_MODEL)
+        if self.tokenizer is None and folder.tokenizer_path is None:
             names = ", ".join(TOKENIZER_FILES)
-            raise MistralError(f"{model.source}: no tokenizer ({names}); pass --tokenizer FILE")
-        return model
+            raise MistralError(f"{folder.path}: no tokenizer ({names}); pass --tokenizer FILE")
+        return mistral.load(
+            folder.path, self.backend, self.device, self.dtype, self.compile, self.tokenizer
+        )
 
 
 @dataclass

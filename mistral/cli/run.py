@@ -98,7 +98,6 @@ class Chat:
     sampling: SamplingOptions = sp.field(default_factory=lambda: SamplingOptions(512, 0.35))
 
     def run(self) -> None:
-
         model = self.model.load()
         chat = Conversation(model, self.system, self.template, self.context)
         interactive = sys.stdin.isatty()
