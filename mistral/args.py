@@ -107,9 +107,9 @@ def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArg
             stacklevel=3,
         )
         params["rope_theta"] = DEFAULT_ROPE_THETA
-    if params.get("moe") is not None:
-        params["moe"] = parse_moe(params["moe"])
     try:
+        if params.get("moe") is not None:
+            params["moe"] = parse_moe(params["moe"])
         return ModelArgs(**params)
     except MistralError as e:
         raise MistralError(f"{source}: {e}") from None

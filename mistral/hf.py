@@ -92,6 +92,13 @@ def halves_to_pairs(x: np.ndarray) -> np.ndarray:
 
 def args_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
     """Maps a Mistral/Mixtral config.json to ModelArgs, refusing what the spec lacks."""
+    try:
+        return _args_from_config(config, source)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise MistralError(f"{source}: malformed config ({type(e).__name__}: {e})") from None
+
+
+def _args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     kind = config.get("model_type")
     if kind not in ("mistral", "mixtral"):
         raise MistralError(f"{source}: model_type {kind!r} is not mistral or mixtral")

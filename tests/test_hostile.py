@@ -225,3 +225,72 @@ def test_links_into_the_hugging_face_hub_cache_are_followed(tmp_path):
     (snapshot / "tokenizer.model").symlink_to(tmp_path / "home.txt")
     with pytest.raises(MistralError, match="points outside the model folder"):
         mistral.load(snapshot, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0, "head_dim": None}, "malformed config"),
+        ({"num_attention_heads": "4"}, "n_heads must be a positive integer"),
+        ({"rope_scaling": "yarn"}, "malformed config"),
+        ({"rope_theta": "abc"}, "malformed config"),
+        ({"rope_theta": None}, "malformed config"),
+    ],
+)
+def test_hugging_face_configs_that_make_no_sense(tmp_path, change, message):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "hf", args, random_weights(args))
+    config = {**json.loads((tmp_path / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MistralError, match=message) as e:
+        read_checkpoint(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_moe_error_names_its_file(tmp_path):
+    params = {**tiny("tiny-moe").to_params(), "moe": {"num_experts": 4}}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(MistralError, match=r"params.json: moe: missing \['num_experts_per_tok'\]"):
+        mistral.ModelArgs.from_file(tmp_path / "params.json")
+
+
+def test_tokenizer_decode_outside_its_vocabulary_is_named():
+    tok = mistral.Tokenizer(ROOT / "mistral" / "default_model" / "tokenizer.model")
+    with pytest.raises(MistralError, match="token id 5000 is outside the tokenizer's 2048"):
+        tok.decode([1, 5000])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["diff", "--generate", "-3", "--tokens", "1,2"], "--generate must be >= 0"),
+        (["bench", "--config", "tiny-dense", "--window", "0"], "sliding_window must be a positive"),
+        (["bench", "--json", "/nonexistent/x.json"], "its folder does not exist"),
+        (["diff", "--tokens", "1,2", "--plot", "/nonexistent/x.png"], "its folder does not exist"),
+        (["generate", "--prompt", "x", "--temperature", "nan"], "temperature must be >= 0"),
+        (["generate", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
+    ],
+)
+def test_command_line_refusals_are_one_line(argv, message):
+    out = run_cli(*argv)
+    assert out.returncode == 1, out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_full_or_read_only_destination_is_one_line(tmp_path):
+    """An OSError while writing (here: the JSON path is a folder) ends in one line, exit 1."""
+    (tmp_path / "out.json").mkdir()
+    out = run_cli(
+        "bench",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "out.json"),
+    )
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+        "mistral bench: error: Is a directory"
+    )

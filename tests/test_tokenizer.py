@@ -121,3 +121,39 @@ def test_v3_template_needs_its_control_tokens():
     tok = Tokenizer(mistral_common_file(V1))
     with pytest.raises(MistralError, match="template v3 needs"):
         encode_chat(tok, [Message("user", "hi")], version="v3")
+
+
+@pytest.mark.parametrize("name", [V1, V3, "embedded"])
+def test_streaming_equals_decoding_the_whole_even_around_lone_spaces(name):
+    """A lone "▁" piece between words (the embedded tokenizer drops it when it leads a decode)
+    and a prompt before the stream: the pieces still join to decode()'s text."""
+    import numpy as np
+
+    from tests.helpers import ROOT
+
+    path = ROOT / "mistral/default_model/tokenizer.model" if name == "embedded" else None
+    tok = Tokenizer(path or mistral_common_file(name))
+    space = tok.sp.piece_to_id("▁")
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        prompt = rng.integers(3, tok.vocab_size, 5).tolist()
+        ids = rng.integers(3, tok.vocab_size, 10).tolist()
+        ids[2:2], ids[6:6] = [space], [space, space]
+        decoder = tok.decoder(after=prompt)
+        streamed = "".join(decoder.push(t) for t in ids) + decoder.flush()
+        assert streamed == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+
+
+def test_streaming_a_run_of_bytes_is_linear(monkeypatch):
+    """Bytes that never form a character are let go after 4: each push decodes a few tokens."""
+    tok = Tokenizer(mistral_common_file(V3))
+    byte = tok.sp.piece_to_id("<0xE2>")
+    decoded = []
+    original = Tokenizer.decode
+    monkeypatch.setattr(
+        Tokenizer, "decode", lambda self, ids: decoded.append(len(ids)) or original(self, ids)
+    )
+    decoder = tok.decoder()
+    text = "".join(decoder.push(byte) for _ in range(2000)) + decoder.flush()
+    assert text == original(tok, [byte] * 2000)
+    assert sum(decoded) < 30 * 2000

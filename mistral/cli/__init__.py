@@ -58,4 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a destination that is read-only, missing or full; stdout closed
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mistral {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return 0

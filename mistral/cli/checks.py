@@ -20,6 +20,13 @@ from mistral.tokenizer import Tokenizer
 from mistral.weights import expected_shapes, random_weights
 
 
+def check_destinations(*paths: str | None) -> None:
+    """Refuses, before any work, an output file whose folder does not exist."""
+    for path in paths:
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise MistralError(f"cannot write {path}: its folder does not exist")
+
+
 @dataclass
 class Diff:
     """Find where two backends (or a backend and an outside reference) part ways, tap by tap.
@@ -53,6 +60,7 @@ class Diff:
     """Draw the error per layer for each tap kind to this PNG file."""
 
     def run(self) -> None:
+        check_destinations(self.json, self.plot)
         ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
         ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
         if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
@@ -75,6 +83,8 @@ class Diff:
             if ckpt_a.tokenizer_path is None:
                 raise MistralError(f"{ckpt_a.path} has no tokenizer: pass --tokens")
             ids = Tokenizer(ckpt_a.tokenizer_path).encode(self.prompt or "In the beginning")
+        if self.generate < 0:
+            raise MistralError(f"--generate must be >= 0, got {self.generate}")
         report = run_diff(load_side(self.a, ckpt_a), load_side(self.b, ckpt_b), ids, self.generate)
         print(report.table())
         if self.json:
@@ -130,6 +140,7 @@ class Bench:
     """Also write the report as JSON to this file."""
 
     def run(self) -> None:
+        check_destinations(self.json)
         if self.config:
             path = Path(self.config)
             if not path.exists():
@@ -139,7 +150,7 @@ class Bench:
                     f"no config {self.config!r} (a name from mistral/configs/ or a path)"
                 )
             args = ModelArgs.from_file(path)
-            if self.window:
+            if self.window is not None:
                 args = dataclasses.replace(args, sliding_window=self.window)
             tensors = random_weights(args, seed=0, dtype=self.dtype or "float32")
             source = f"{path.stem} (random weights)"
