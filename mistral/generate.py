@@ -10,7 +10,9 @@ import numpy as np
 from mistral.cache import Planner
 from mistral.contract import Cache, Runner
 from mistral.errors import MistralError
+from mistral.measure import memory_limit
 from mistral.sampling import sample
+from mistral.weights import cache_bytes
 
 
 def check_batch(batch: list[list[int]], vocab_size: int) -> None:
@@ -69,13 +71,32 @@ def pad(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
+def check_fits(runner: Runner, batch: int, context: int) -> None:
+    """Refuses, before allocating, caches larger than the memory the process may have (e.g.
+    max_tokens 1e9 on a model without a sliding window, whose cache grows with the run)."""
+    itemsize = 4 if runner.dtype == "float32" else 2
+    need, have = cache_bytes(runner.args, itemsize, batch, context), memory_limit()
+    if have and need > have:
+        raise MistralError(
+            f"a cache for {batch} row(s) of {context:,} tokens needs {need / 2**30:,.1f} GiB, "
+            f"more than the {have / 2**30:,.1f} GiB this process may have: ask for fewer tokens"
+        )
+
+
 class Session:
     """One batch of rows with their cache: feed tokens, get logits. Chat keeps one across turns."""
 
     def __init__(self, runner: Runner, batch: int, context: int) -> None:
+        check_fits(runner, batch, context)
         self.runner = runner
-        self.planner = Planner(batch, context, runner.args.layer_windows())
-        self.cache: Cache = runner.new_cache(batch, self.planner.sizes)
+        try:
+            self.planner = Planner(batch, context, runner.args.layer_windows())
+            self.cache: Cache = runner.new_cache(batch, self.planner.sizes)
+        except (MemoryError, RuntimeError) as e:  # numpy's, torch's or MLX's allocation
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise MistralError(
+                f"no memory for a cache of {batch} row(s) of {context:,} tokens ({first})"
+            ) from None
 
     def feed(
         self, rows: list[list[int]], chunk_size: int | None, last_only: bool

@@ -46,6 +46,25 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+def memory_limit() -> int:
+    """Bytes this process may still allocate at most: the machine's memory, or what is left of
+    an address-space limit (ulimit -v) when that is lower; 0 where unknown."""
+    try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        limit = 0
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return limit
+    if soft != resource.RLIM_INFINITY:
+        used = ResidentMemory.status("VmSize") or 0
+        limit = min(limit or soft, max(soft - used, 0))
+    return limit
+
+
 def cpu_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     """Bytes/s of a large copy (it reads and writes every byte) split over one thread per core,
     best of 5: the machine's figure, the same whichever framework is measured against it."""
@@ -98,7 +117,7 @@ class ResidentMemory:
         self._thread: threading.Thread | None = None
 
     @staticmethod
-    def _status(field: str) -> int | None:
+    def status(field: str) -> int | None:
         try:
             with open("/proc/self/status") as f:
                 for line in f:
@@ -119,7 +138,7 @@ class ResidentMemory:
 
     @staticmethod
     def current() -> int:
-        rss = ResidentMemory._status("VmRSS")
+        rss = ResidentMemory.status("VmRSS")
         if rss is not None:
             return rss
         import resource  # no /proc (macOS): the lifetime maximum is all there is
@@ -133,7 +152,7 @@ class ResidentMemory:
 
     def __enter__(self) -> ResidentMemory:
         self.peak = self.current()
-        if not (self._reset_high_water_mark() and self._status("VmHWM") is not None):
+        if not (self._reset_high_water_mark() and self.status("VmHWM") is not None):
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
@@ -142,7 +161,7 @@ class ResidentMemory:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-        self.peak = max(self.peak, self._status("VmHWM") or 0, self.current())
+        self.peak = max(self.peak, self.status("VmHWM") or 0, self.current())
 
 
 def held_now(meter: Meter) -> int:

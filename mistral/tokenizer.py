@@ -36,6 +36,12 @@ class Tokenizer:
         return self.sp.eos_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise MistralError(f"text to encode must be a str, not a {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a file)
+            raise MistralError("the text is not valid UTF-8") from None
         ids = self.sp.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

@@ -150,6 +150,14 @@ def linear_bytes(args: ModelArgs, itemsize: int) -> int:
     ) - itemsize * int(np.prod(shapes["tok_embeddings.weight"]))
 
 
+def cache_bytes(args: ModelArgs, itemsize: int, batch: int, context: int) -> int:
+    """What the caches of ``batch`` rows of up to ``context`` tokens hold: keys and values of
+    every layer, a windowed layer keeping at most its window."""
+    per_token = 2 * args.n_kv_heads * args.head_dim * itemsize + 8  # and the planner's position
+    slots = sum(context if w is None else min(w, context) for w in args.layer_windows())
+    return batch * slots * per_token
+
+
 def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> dict[str, RawTensor]:
     """Seeded random weights of the spec's shapes (tests and benchmarks without a checkpoint).
 

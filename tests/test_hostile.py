@@ -294,3 +294,59 @@ def test_a_full_or_read_only_destination_is_one_line(tmp_path):
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
         "mistral bench: error: Is a directory"
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("gib", [10_000, 10])  # more than any machine's memory; more than allowed
+def test_a_cache_that_cannot_fit_is_refused_in_one_line(backend, gib):
+    """Under an address-space limit of 6 GiB (the machine is never exhausted): a run whose cache
+    would need ``gib`` GiB is refused before or at allocation, not killed."""
+    code = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+import mistral
+from mistral.weights import cache_bytes, random_weights
+from tests.helpers import tiny
+args = tiny("tiny-dense")
+model = mistral.from_tensors(args, random_weights(args), backend={backend!r}, device="cpu")
+tokens = int({gib} * 2**30 / cache_bytes(args, 4, 1, 1))
+try:
+    model.generate([[1, 2, 3]], tokens)
+except mistral.MistralError as e:
+    print("refused:", e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused: ") and len(out.stdout.strip().splitlines()) == 1
+
+
+def test_text_that_is_not_utf8_is_one_line():
+    prompt = run_cli(
+        "generate",
+        "--max-tokens",
+        "2",
+        "--prompt",
+        "x",
+        code="import sys\nsys.argv[-1] = 'a\\udcff'",
+    )
+    assert prompt.returncode == 1 and "not valid UTF-8" in prompt.stderr
+    stdin = subprocess.run(
+        [sys.executable, "-m", "mistral", "generate", "--max-tokens", "2"],
+        input=b"In the \xff\xfe beginning",
+        capture_output=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert stdin.returncode == 1 and b"not valid UTF-8" in stdin.stderr
+    assert len(stdin.stderr.strip().splitlines()) == 1
+    chat = subprocess.run(
+        [sys.executable, "-m", "mistral", "chat", "--max-tokens", "3"],
+        input=b"\xff\xfe\nIn the beginning\n",
+        capture_output=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert chat.returncode == 0 and b"not valid UTF-8; try again" in chat.stderr
+    assert chat.stdout.strip()  # the next line was answered

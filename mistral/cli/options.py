@@ -64,7 +64,10 @@ class SamplingOptions:
 def read_stdin_prompt() -> str:
     if sys.stdin.isatty():
         raise MistralError("no prompt: pass --prompt TEXT or pipe text on standard input")
-    text = sys.stdin.read()
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise MistralError(f"standard input is not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
         raise MistralError("the prompt read from standard input is empty")
     return text.rstrip("\n")

@@ -113,6 +113,11 @@ class Chat:
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return
+            except UnicodeDecodeError:
+                text = "\udcff"  # reported below, as a line Python let through undecoded is
+            if not is_utf8(text):
+                print("mistral chat: that line is not valid UTF-8; try again", file=sys.stderr)
+                continue
             if not text.strip():
                 continue
             answer = chat.reply(text, self.sampling.max_tokens, **self.sampling.kwargs())
@@ -123,3 +128,11 @@ class Chat:
                 answer.close()
                 write(" [stopped]")
             write("\n")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates stand for bytes that were not UTF-8
+        return False
+    return True
