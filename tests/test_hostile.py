@@ -350,3 +350,22 @@ def test_text_that_is_not_utf8_is_one_line():
     )
     assert chat.returncode == 0 and b"not valid UTF-8; try again" in chat.stderr
     assert chat.stdout.strip()  # the next line was answered
+
+
+def test_mlx_used_from_worker_threads_exits_cleanly():
+    """Without waiting for MLX's streams at exit, about half of these runs aborted ("terminate
+    called without an active exception") after printing correct results."""
+    code = """
+from concurrent.futures import ThreadPoolExecutor
+import mistral
+def work(i):
+    return mistral.load(backend="mlx", device="cpu").logits([[1, 2, 3]])[0].shape
+with ThreadPoolExecutor(2) as pool:
+    print(list(pool.map(work, range(2))))
+"""
+    for _ in range(8):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False
+        )
+        assert out.returncode == 0, out.stderr[-500:]
+        assert out.stdout.strip() == "[(3, 2048), (3, 2048)]"

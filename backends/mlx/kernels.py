@@ -1,9 +1,10 @@
 """Products and expert layouts suited to the device, applied to a built Transformer from outside
-(its parameter names and shapes unchanged)."""
+(its parameter names and shapes unchanged), and the care MLX's per-thread streams need."""
 
 from __future__ import annotations
 
 import platform
+import threading
 
 import mlx.core as mx
 
@@ -80,3 +81,23 @@ def stack_experts(model: Transformer) -> None:
             stacked.append(w)
         # A plain attribute, not a parameter: Module.__setattr__ would register a tuple of arrays.
         object.__setattr__(moe, "stacked", tuple(stacked))
+
+
+class StreamsOfThisThread:
+    """MLX gives each thread its own streams; one left behind by a thread that has ended aborts
+    the interpreter at exit ("terminate called without an active exception", about half the
+    runs that used MLX from worker threads here). Held in a thread-local, it is dropped by the
+    thread as it ends, and waits for and destroys that thread's streams there."""
+
+    def __del__(self) -> None:
+        mx.synchronize()
+        mx.clear_streams()
+
+
+LOCAL = threading.local()
+
+
+def own_thread_streams() -> None:
+    """Called where MLX work starts: a thread other than the main one cleans up as it ends."""
+    if threading.current_thread() is not threading.main_thread() and not hasattr(LOCAL, "guard"):
+        LOCAL.guard = StreamsOfThisThread()

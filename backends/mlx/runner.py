@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.mlx.cache import LayerCache, Step
-from backends.mlx.kernels import SplitRows, cpu_streams, gathers, stack_experts
+from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
@@ -97,6 +97,7 @@ class Runner:
         last_only: bool,
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
+        own_thread_streams()
         with mx.stream(self.mx_device):
             steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
             x = mx.array(tokens.astype(np.int32))
@@ -111,6 +112,7 @@ class Runner:
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
+        own_thread_streams()
         plans = plan_prefill([len(tokens)], self.args.layer_windows())
         steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
         taps: dict[str, mx.array] = {}
@@ -137,6 +139,7 @@ def build(
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
+    own_thread_streams()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
