@@ -22,7 +22,7 @@ import numpy as np
 from mistral import hf
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
-from mistral.files import inside, read_json
+from mistral.files import inside, present, read_json
 from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
 from mistral.safetensors_file import read_tensors, write_tensors
@@ -51,7 +51,7 @@ class Checkpoint:
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files the folder holds, best first; one that leads out of the folder (a
         link to elsewhere) is refused."""
-        return [inside(self.path, f) for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        return [inside(self.path, f) for f in TOKENIZER_FILES if present(self.path / f)]
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -85,7 +85,7 @@ def read_safetensors_set(path: Path, stem: str) -> Tensors:
         raise MistralError(f"{path}: no {stem}.safetensors (or its shards)")
     out: Tensors = {}
     for f in files:
-        if not f.exists():
+        if not present(f):
             raise MistralError(f"{path}: shard {f.name} is missing")
         out.update(read_tensors(f))
     return out

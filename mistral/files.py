@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
 import struct
 import zipfile
@@ -30,6 +32,23 @@ def inside(folder: Path, name: str) -> Path:
     if not any(target.is_relative_to(root) for root in roots):
         raise MistralError(f"{folder}: {name!r} points outside the model folder")
     return path
+
+
+def present(path: Path) -> bool:
+    """Whether ``path`` is there; a link that leads nowhere or in a circle is an error, not an
+    absent file."""
+    if path.exists():
+        return True
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13
+            raise MistralError(f"{path}: a symlink loop") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise MistralError(f"{path}: a symlink loop") from None
+            raise MistralError(f"{path}: a link to nothing ({os.readlink(path)})") from None
+    return False
 
 
 def regular_file(path: Path) -> int:

@@ -369,3 +369,37 @@ with ThreadPoolExecutor(2) as pool:
         )
         assert out.returncode == 0, out.stderr[-500:]
         assert out.stdout.strip() == "[(3, 2048), (3, 2048)]"
+
+
+def test_links_in_a_circle_or_to_nothing_are_named(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    (tmp_path / "tokenizer.model").symlink_to(tmp_path / "tokenizer.model")
+    with pytest.raises(MistralError, match="a symlink loop"):
+        mistral.load(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    (tmp_path / "tokenizer.model").symlink_to(tmp_path / "gone")
+    with pytest.raises(MistralError, match="a link to nothing"):
+        mistral.load(tmp_path)
+
+
+def test_an_index_must_name_files(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "hf", args, random_weights(args))
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": 1}}')
+    with pytest.raises(MistralError, match="no weight_map of tensor names to files"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_full_stdout_is_one_line():
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "mistral", "info", str(ROOT / "mistral" / "default_model")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert out.returncode == 1 and "No space left on device" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
