@@ -5,21 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 
+def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """(B, V) logits -> (B, V) float64 probabilities the sampler draws from: the softmax of
+    logits / temperature, kept to the nucleus (the most likely tokens, in order, until their mass
+    reaches top_p; the first always stays) and renormalized; zero elsewhere."""
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_p = np.take_along_axis(probs, order, axis=-1)
+    before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the likelier tokens
+    keep = np.zeros_like(probs, dtype=bool)
+    np.put_along_axis(keep, order, before < top_p, axis=-1)
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum(-1, keepdims=True)
+
+
 def sample(
     logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
 ) -> np.ndarray:
     """(B, V) logits -> (B,) token ids; greedy at temperature 0."""
     if temperature <= 0:
         return logits.argmax(-1)
-    z = logits.astype(np.float64) / temperature
-    probs = np.exp(z - z.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    out = np.empty(len(probs), dtype=np.int64)
-    for b, p in enumerate(probs):
-        order = np.argsort(-p, kind="stable")
-        sorted_p = p[order]
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        keep = np.cumsum(sorted_p) - sorted_p < top_p
-        kept = sorted_p * keep
-        out[b] = order[rng.choice(len(kept), p=kept / kept.sum())]
-    return out
+    probs = distribution(logits, temperature, top_p)
+    return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
