@@ -123,12 +123,35 @@ def test_diff_reports_agreement_with_json_and_plot(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
-def test_diff_exits_1_when_sides_disagree(tmp_path):
+@pytest.mark.parametrize("planted", [False, True])
+def test_diff_verdict_and_exit_code_on_two_folders(tmp_path, planted):
+    """--b-model: the embedded model against its Hugging Face conversion agrees (exit 0); with
+    the conversion's rope_theta changed (a planted mistake) the sides disagree (exit 1), the note
+    names the key and the first divergence is layer 0's q."""
+    converted = tmp_path / "hf"
+    assert run("convert", str(DEFAULT), str(converted), "--to", "hf").returncode == 0
+    if planted:
+        config = json.loads((converted / "config.json").read_text())
+        config["rope_theta"] = config["rope_theta"] * 2
+        (converted / "config.json").write_text(json.dumps(config))
     out = run(
-        "diff", "--a", "torch:cpu:float32", "--b", "torch:cpu:bfloat16", "--tokens", "1,5,9,300"
+        "diff",
+        "--b-model",
+        str(converted),
+        "--a",
+        "torch",
+        "--b",
+        "torch",
+        "--tokens",
+        "1,5,9,300,41,7,12",
     )
-    assert out.returncode in (0, 1) and "top-1 agreement" in out.stdout
-    assert ("agree" in out.stdout) == (out.returncode == 0)
+    if planted:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "note: rope_theta is" in out.stdout
+        assert "verdict: first divergence at layers.0.q" in out.stdout
+    else:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "verdict: the two sides agree" in out.stdout
 
 
 def test_bench_runs_and_writes_json(tmp_path):

@@ -138,3 +138,29 @@ def test_taps_cost_nothing_when_off(monkeypatch):
     side.model.logits([[1, 2, 3]])
     assert seen and all(t is None for t in seen)
     assert side.model.runner.model.training is False
+
+
+def test_logit_figures_equal_a_direct_computation():
+    """KL(a||b), top-1/top-5 agreement and cosine against torch's own functions."""
+    import numpy as np
+    import torch
+
+    from mistral.diff import compare_arrays, logit_agreement
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(0, 2, (30, 64)).astype(np.float32)
+    b = a + rng.normal(0, 0.7, a.shape).astype(np.float32)
+    got = logit_agreement(a, b)
+    ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+    kl = torch.nn.functional.kl_div(
+        tb.log_softmax(-1), ta.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert abs(got["kl"] - kl.item()) <= 1e-9 * max(1.0, kl.item())
+    assert got["top1"] == (ta.argmax(-1) == tb.argmax(-1)).double().mean().item()
+    top5a, top5b = ta.topk(5).indices.tolist(), tb.topk(5).indices.tolist()
+    overlap = np.mean([len(set(x) & set(y)) / 5 for x, y in zip(top5a, top5b, strict=True)])
+    assert got["top5"] == pytest.approx(overlap, abs=1e-12) and 0 < got["top5"] < 1
+    cosine = torch.nn.functional.cosine_similarity(ta.flatten(), tb.flatten(), dim=0).item()
+    row = compare_arrays("layers.0.residual", a, b, "float32", "float32")
+    assert row.cosine == pytest.approx(cosine, abs=1e-12)
+    assert row.rel == pytest.approx(np.abs(a - b).max() / np.abs(a).max(), rel=1e-6)
