@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 
 import mistral
@@ -84,3 +85,16 @@ def test_a_folder_without_tokenizer_loads_but_refuses_text(tmp_path):
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
     with pytest.raises(mistral.MistralError, match="do not belong together"):
         mistral.load(DEFAULT_MODEL, tokenizer=mistral_common_file(V3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_defaults_on_a_cpu_machine_and_float32_logits(backend):
+    """README: None picks the best device (here the CPU: no GPU) and its dtype (float32 on CPUs);
+    logits come back float32 whatever the run's dtype."""
+    args = tiny("tiny-dense")
+    weights = random_weights(args)
+    default = mistral.from_tensors(args, weights, backend)
+    assert (default.device, default.dtype) == ("cpu", "float32")
+    half = mistral.from_tensors(args, weights, backend, device="cpu", dtype="bfloat16")
+    [logits] = half.logits([[1, 2, 3]])
+    assert logits.dtype == np.float32 and half.dtype == "bfloat16"

@@ -293,3 +293,26 @@ def test_files_a_folder_names_stay_inside_it(tmp_path):
     (tmp_path / "h" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(MistralError, match="points outside the model folder"):
         read_checkpoint(tmp_path / "h")
+
+
+def memmapped(a: np.ndarray) -> bool:
+    while not isinstance(a, np.memmap) and a.base is not None:
+        a = a.base
+    return isinstance(a, np.memmap)
+
+
+@pytest.mark.parametrize(
+    "dtype, name",
+    [("float32", "weights.npz"), ("float16", "weights.npz"), ("bfloat16", "weights.safetensors")],
+)
+def test_mlx_output_files_and_every_reader_maps_the_file(tmp_path, dtype, name):
+    """README: MLX output is weights.npz, or weights.safetensors for bfloat16; every layout is read
+    memory-mapped (nothing the size of the weights is read at load)."""
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path / "m", "mlx", args, random_weights(args, dtype=dtype))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["params.json", name]
+    for fmt in ("mlx", "mistral", "hf"):
+        if fmt != "mlx":
+            write_checkpoint(tmp_path / fmt, fmt, args, random_weights(args, dtype=dtype))
+        ckpt = read_checkpoint(tmp_path / ("m" if fmt == "mlx" else fmt))
+        assert all(memmapped(t.source) for t in ckpt.tensors.values()), fmt

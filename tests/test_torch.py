@@ -1,4 +1,5 @@
-"""The PyTorch backend against Hugging Face transformers, and against itself cached vs uncached."""
+"""Both backends against Hugging Face transformers directly (the pair fixture runs each), and the
+PyTorch backend's own devices, kernels and compiled step."""
 
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import mistral
 from mistral import MistralError
 from mistral.checkpoint import write_checkpoint
+from mistral.contract import BACKENDS
 from mistral.weights import RawTensor, random_weights
 from tests.helpers import (
     ROOT,
@@ -26,14 +28,16 @@ CONFIGS = ["tiny-dense", "tiny-window", "tiny-moe"]
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
+@pytest.fixture(scope="module", params=[(c, b) for b in BACKENDS for c in CONFIGS], ids=str)
 def pair(request, tmp_path_factory):
-    """(HF model, our model loaded from the Mistral folder converted from HF's save_pretrained)."""
-    args = tiny(request.param)
-    ref = hf_model(args, seed=CONFIGS.index(request.param))
-    d = tmp_path_factory.mktemp(request.param)
+    """(HF model, our model on a backend, loaded from the Mistral folder converted from HF's
+    save_pretrained)."""
+    config, backend = request.param
+    args = tiny(config)
+    ref = hf_model(args, seed=CONFIGS.index(config))
+    d = tmp_path_factory.mktemp(config)
     hf_to_mistral_folder(save_hf(ref, d / "hf"), d / "mistral")
-    return ref, mistral.load(d / "mistral", backend="torch", device="cpu", dtype="float32")
+    return ref, mistral.load(d / "mistral", backend=backend, device="cpu", dtype="float32")
 
 
 def test_one_row_matches_hf(pair):
