@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import mistral.weights
 from mistral.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from mistral.diff import load_side, plot, run_diff
 from mistral.taps import tap_names
@@ -164,3 +165,21 @@ def test_logit_figures_equal_a_direct_computation():
     row = compare_arrays("layers.0.residual", a, b, "float32", "float32")
     assert row.cosine == pytest.approx(cosine, abs=1e-12)
     assert row.rel == pytest.approx(np.abs(a - b).max() / np.abs(a).max(), rel=1e-6)
+
+
+def test_a_small_float32_error_is_flagged_at_its_place():
+    """One norm weight off by 5e-5 relative: above float32's tolerance (1e-5), so the sides
+    disagree, first at that tap (a tolerance 10x looser would let it through)."""
+    args = tiny("tiny-window")
+    weights = random_weights(args, seed=9)
+    nudged = dict(weights)
+    key = "layers.1.attention_norm.weight"
+    nudged[key] = mistral.weights.from_numpy(weights[key].to_numpy() * (1 + 5e-5))
+    tokens = random_rows([20], args.vocab_size, 3)[0]
+    report = run_diff(
+        load_side("torch:cpu:float32", ckpt(args, weights)),
+        load_side("torch:cpu:float32", ckpt(args, nudged)),
+        tokens,
+    )
+    assert not report.agree and report.first_divergence == "layers.1.attention_norm"
+    assert 2e-5 < report.taps[[t.name for t in report.taps].index(key[:-7])].rel < 1e-4
