@@ -108,3 +108,30 @@ def test_half_precision_is_as_close_to_transformers_as_its_rounding(
     hf = hf_logits_by_dtype
     rounding = np.abs(hf[dtype] - hf["float32"]).mean()
     assert np.abs(ours - hf[dtype]).mean() <= 1.2 * rounding
+
+
+def test_moe_routing_weights_are_a_float32_softmax_in_half_precision():
+    """Mixtral's routing: the softmax over the top-k gate logits is taken in float32 and only then
+    cast to the run's dtype. Checked on a bfloat16 MoE layer against that computation, on inputs
+    where a softmax in bfloat16 arithmetic gives other weights (torch's own bfloat16 softmax on
+    the CPU computes in float32 inside, so calling it without dtype= is no different there)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mistral.weights import random_weights
+    from tests.helpers import tiny
+
+    args = tiny("tiny-moe")
+    model = mistral.from_tensors(args, random_weights(args, seed=2), dtype="bfloat16")
+    moe = model.runner.model.layers[0].feed_forward
+    x = torch.randn(64, args.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        values, chosen = torch.topk(moe.gate(x), args.moe.num_experts_per_tok)
+        weights = F.softmax(values.float(), dim=-1).bfloat16()
+        exp = (values - values.amax(-1, keepdim=True)).exp()  # a softmax in bfloat16 arithmetic
+        assert not torch.equal(weights, exp / exp.sum(-1, keepdim=True))  # is told apart here
+        expected = torch.zeros_like(x)
+        for e, expert in enumerate(moe.experts):
+            tok, slot = torch.where(chosen == e)
+            expected.index_add_(0, tok, weights[tok, slot, None] * expert(x[tok]))
+        assert torch.equal(moe(x), expected)
