@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,30 @@ class MoeArgs(Serializable):
 
 
 @dataclass
+class YarnArgs(Serializable):
+    """YaRN RoPE (params.json ``yarn``): frequencies interpolated by ``factor`` below the ramp
+    between ``beta`` (fast) and ``alpha`` (slow) rotations over the original context; with
+    ``apply_scale`` (the default, as vLLM reads Mistral's files) q and k are also scaled by
+    0.1 * ln(factor) + 1."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta: float = 32.0
+    alpha: float = 1.0
+    apply_scale: bool = True
+
+
+@dataclass
+class Llama4ScalingArgs(Serializable):
+    """Position-dependent query scaling (params.json ``llama_4_scaling``, Ministral 3): a query
+    at position p is multiplied by 1 + beta * ln(1 + floor(p / original_max_position_embeddings)).
+    """
+
+    original_max_position_embeddings: int
+    beta: float
+
+
+@dataclass
 class ModelArgs(Serializable):
     dim: int
     n_layers: int
@@ -35,12 +59,22 @@ class ModelArgs(Serializable):
     norm_eps: float
     vocab_size: int
     rope_theta: float = DEFAULT_ROPE_THETA
-    sliding_window: int | None = None
+    # One window for every layer, or a pattern repeated over the layers (None: full attention),
+    # as mistral-inference reads a list.
+    sliding_window: int | list[int | None] | None = None
     moe: MoeArgs | None = None
+    yarn: YarnArgs | None = None
+    llama_4_scaling: Llama4ScalingArgs | None = None
+    tied_embeddings: bool = False  # the output projection is the embedding table (no output.weight)
+    max_position_embeddings: int | None = None  # the context the model was made for (informative)
+    vision_encoder: dict[str, Any] | None = None  # Pixtral's tower: kept, not run (text only)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = parse_moe(self.moe)
+        for name, cls in (("yarn", YarnArgs), ("llama_4_scaling", Llama4ScalingArgs)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, parse_block(name, cls, getattr(self, name)))
         validate(self)
 
     @property
@@ -49,8 +83,11 @@ class ModelArgs(Serializable):
         return self.n_heads // self.n_kv_heads
 
     def layer_windows(self) -> list[int | None]:
-        """The attention window of each layer (None: full attention); one for all today."""
-        return [self.sliding_window] * self.n_layers
+        """The attention window of each layer (None: full attention)."""
+        w = self.sliding_window
+        if isinstance(w, list):
+            return w * (self.n_layers // len(w))
+        return [w] * self.n_layers
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
@@ -65,6 +102,8 @@ class ModelArgs(Serializable):
     def to_params(self) -> dict[str, Any]:
         """The params.json dict (optional keys left out when unset)."""
         d = self.to_dict()
+        if not self.tied_embeddings:
+            del d["tied_embeddings"]
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -80,15 +119,23 @@ _REQUIRED = (
 )
 
 
-def parse_moe(d: Any) -> MoeArgs:
+def parse_block(name: str, cls: type, d: Any) -> Any:
+    """A nested params.json object (moe, yarn, llama_4_scaling): its keys exactly, no more."""
     if not isinstance(d, dict):
-        raise MistralError(f"moe: expected an object, got {d!r}")
-    known = {f.name for f in fields(MoeArgs)}
+        raise MistralError(f"{name}: expected an object, got {d!r}")
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING}
     unknown = sorted(set(d) - known)
-    missing = sorted(known - set(d))
+    missing = sorted(required - set(d))
     if unknown or missing:
-        raise MistralError(f"moe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
-    return MoeArgs(**d)
+        raise MistralError(
+            f"{name}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}"
+        )
+    return cls(**d)
+
+
+def parse_moe(d: Any) -> MoeArgs:
+    return parse_block("moe", MoeArgs, d)
 
 
 def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArgs:
@@ -115,6 +162,14 @@ def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArg
         raise MistralError(f"{source}: {e}") from None
 
 
+def positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def positive_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf
+
+
 def validate(a: ModelArgs) -> None:
     """Every consistency rule on the architecture, in one place."""
     ints = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -131,8 +186,41 @@ def validate(a: ModelArgs) -> None:
     if a.head_dim % 2:
         raise MistralError(f"head_dim must be even for RoPE, got {a.head_dim}")
     w = a.sliding_window
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-        raise MistralError(f"sliding_window must be a positive integer or absent, got {w!r}")
+    windows = w if isinstance(w, list) else [w]
+    if not windows or any(x is not None and not positive_int(x) for x in windows):
+        raise MistralError(
+            f"sliding_window must be a positive integer, a list of them and nulls, or absent; "
+            f"got {w!r}"
+        )
+    if a.n_layers % len(windows):
+        raise MistralError(
+            f"sliding_window's pattern of {len(windows)} does not divide n_layers ({a.n_layers})"
+        )
+    if not isinstance(a.tied_embeddings, bool):
+        raise MistralError(f"tied_embeddings must be true or false, got {a.tied_embeddings!r}")
+    m = a.max_position_embeddings
+    if m is not None and not positive_int(m):
+        raise MistralError(f"max_position_embeddings must be a positive integer, got {m!r}")
+    if a.vision_encoder is not None and not isinstance(a.vision_encoder, dict):
+        raise MistralError(f"vision_encoder must be an object, got {a.vision_encoder!r}")
+    if a.yarn is not None:
+        y = a.yarn
+        if not positive_int(y.original_max_position_embeddings):
+            raise MistralError("yarn.original_max_position_embeddings must be a positive integer")
+        for name in ("factor", "beta", "alpha"):
+            if not positive_number(getattr(y, name)):
+                raise MistralError(f"yarn.{name} must be a positive finite number")
+        if not isinstance(y.apply_scale, bool):
+            raise MistralError(f"yarn.apply_scale must be true or false, got {y.apply_scale!r}")
+    if a.llama_4_scaling is not None:
+        s = a.llama_4_scaling
+        if not positive_int(s.original_max_position_embeddings):
+            raise MistralError(
+                "llama_4_scaling.original_max_position_embeddings must be a positive integer"
+            )
+        b = s.beta
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < math.inf:
+            raise MistralError(f"llama_4_scaling.beta must be a finite number >= 0, got {b!r}")
     if a.moe is not None:
         e, k = a.moe.num_experts, a.moe.num_experts_per_tok
         if not (isinstance(e, int) and isinstance(k, int) and 0 < k <= e):

@@ -68,13 +68,13 @@ def decode_bytes(
     total = 0
     for name, t in tensors.items():
         n = int(np.prod(t.shape)) * dtype_bytes
-        if name == "tok_embeddings.weight":
-            n = t.shape[1] * dtype_bytes * batch  # one row per token
+        if name == "tok_embeddings.weight" and not args.tied_embeddings:
+            n = t.shape[1] * dtype_bytes * batch  # one row per token (tied: the output's weight)
         elif ".experts." in name and args.moe:
             n = n * min(1.0, batch * args.moe.num_experts_per_tok / args.moe.num_experts)
         total += int(n)
-    keys = min(context, args.sliding_window or context)
-    kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * keys * dtype_bytes * batch
+    keys = sum(min(context, w or context) for w in args.layer_windows())  # over the layers
+    kv = 2 * args.n_kv_heads * args.head_dim * keys * dtype_bytes * batch
     return total + kv
 
 
@@ -87,11 +87,10 @@ def prefill_flops(args: ModelArgs, prompt_len: int, batch: int) -> int:
     ffn = 3 * a.dim * a.hidden_dim
     if a.moe:
         ffn = ffn * a.moe.num_experts_per_tok + a.dim * a.moe.num_experts  # chosen experts, gate
-    window = a.sliding_window or prompt_len
-    seen = sum(min(t, window) for t in range(1, prompt_len + 1))  # keys seen, over the queries
-    per_row = a.n_layers * (
-        prompt_len * (attention + ffn) + 2 * a.n_heads * a.head_dim * seen  # QK^T and AV
+    seen = sum(  # keys seen, over the queries and the layers
+        sum(min(t, w or prompt_len) for t in range(1, prompt_len + 1)) for w in a.layer_windows()
     )
+    per_row = a.n_layers * prompt_len * (attention + ffn) + 2 * a.n_heads * a.head_dim * seen
     return 2 * batch * (per_row + a.dim * a.vocab_size)
 
 

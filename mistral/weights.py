@@ -107,14 +107,15 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes[f + "w2.weight"] = (d, h)
             shapes[f + "w3.weight"] = (h, d)
     shapes["norm.weight"] = (d,)
-    shapes["output.weight"] = (v, d)
+    if not args.tied_embeddings:  # tied: the output projection is tok_embeddings.weight
+        shapes["output.weight"] = (v, d)
     return shapes
 
 
 def tensor_count(args: ModelArgs) -> int:
     """How many tensors the spec has, without listing them (a config may claim 1e9 layers)."""
     per_layer = 6 + (3 if args.moe is None else 1 + 3 * args.moe.num_experts)
-    return 3 + args.n_layers * per_layer
+    return 3 - args.tied_embeddings + args.n_layers * per_layer
 
 
 def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -145,9 +146,10 @@ def linear_bytes(args: ModelArgs, itemsize: int) -> int:
     """The bytes of every projection's weight (all but the embedding table and the norms): what
     decides whether a CPU reads them from its cache."""
     shapes = expected_shapes(args)
-    return itemsize * sum(
-        int(np.prod(shape)) for name, shape in shapes.items() if len(shape) == 2
-    ) - itemsize * int(np.prod(shapes["tok_embeddings.weight"]))
+    products = sum(int(np.prod(shape)) for shape in shapes.values() if len(shape) == 2)
+    if not args.tied_embeddings:  # a lookup, not a product (tied, it is the output's weight too)
+        products -= int(np.prod(shapes["tok_embeddings.weight"]))
+    return itemsize * products
 
 
 def cache_bytes(args: ModelArgs, itemsize: int, batch: int, context: int) -> int:

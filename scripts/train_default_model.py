@@ -29,7 +29,7 @@ from backends.torch.model import Transformer
 from mistral.args import ModelArgs
 from mistral.cache import plan_prefill
 from mistral.checkpoint import write_checkpoint
-from mistral.rope import inv_frequencies
+from mistral.rope import Rope
 from mistral.weights import from_numpy
 
 ARGS = ModelArgs(
@@ -44,6 +44,7 @@ ARGS = ModelArgs(
     rope_theta=10000.0,
     sliding_window=128,  # shorter than the 256-token training context, so the window matters
 )
+ROPE = Rope.of(ARGS)
 CONTEXT = 256
 
 
@@ -90,7 +91,7 @@ def forward(model: Transformer, tokens: torch.Tensor, inv_freq: torch.Tensor) ->
     """An uncached forward through the shared planner's mask: (B, T) -> (B, T, V) logits."""
     B, T = tokens.shape
     plans = plan_prefill([T] * B, ARGS.layer_windows())
-    return model(tokens, {w: Step.from_plan(plan, inv_freq) for w, plan in plans.items()})
+    return model(tokens, {w: Step.from_plan(plan, ROPE, inv_freq) for w, plan in plans.items()})
 
 
 def init_weights(model: Transformer) -> None:
@@ -104,7 +105,7 @@ def init_weights(model: Transformer) -> None:
 
 def train(model: Transformer, ids: np.ndarray, opt: argparse.Namespace) -> int:
     """Trains for opt.minutes (warm-up, then a cosine decay to a tenth); returns the steps."""
-    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
+    inv_freq = torch.from_numpy(ROPE.inv_freq)
     optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = np.random.default_rng(opt.seed)
     budget = opt.minutes * 60
@@ -131,7 +132,7 @@ def train(model: Transformer, ids: np.ndarray, opt: argparse.Namespace) -> int:
 
 
 def held_out_loss(model: Transformer, held_out: np.ndarray) -> float:
-    inv_freq = torch.from_numpy(inv_frequencies(ARGS.head_dim, ARGS.rope_theta))
+    inv_freq = torch.from_numpy(ROPE.inv_freq)
     model.eval()
     with torch.no_grad():
         n = (len(held_out) - 1) // CONTEXT

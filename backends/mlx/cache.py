@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from mistral.cache import KeyLayout, StepPlan
+from mistral.rope import Rope
 
 
 @dataclass
@@ -17,22 +18,27 @@ class Step:
     key_layout: KeyLayout
     offsets: mx.array  # (B,) int32, position of each row's first new token (RoPE offset)
     freqs: mx.array  # (D/2,) float32, RoPE period of each pair (1 / inverse frequency)
+    mscale: float  # the magnitude of the rotation (1 but under YaRN with its scale)
+    q_scale: mx.array | None  # (B, 1, T, 1) float32 query scale by position; None: all 1
     mask: mx.array  # (B, 1, T, K) bool, broadcast over heads
     rows: mx.array  # (M,) int32
     cols: mx.array  # (M,) int32
     slots: mx.array  # (M,) int32
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, freqs: mx.array) -> Step:
-        """``freqs``: (D/2,) float32, the period of each RoPE pair (1 / the shared frequencies)."""
+    def from_plan(cls, plan: StepPlan, rope: Rope, freqs: mx.array) -> Step:
+        """``freqs``: (D/2,) float32, the period of each pair (1 / ``rope.inv_freq``), made once."""
 
         def put(a: np.ndarray) -> mx.array:
             return mx.array(a.astype(np.int32) if a.dtype == np.int64 else a)
 
+        q_scale = rope.query_scales(plan.positions)  # (B, T) or None
         return cls(
             key_layout=plan.key_layout,
             offsets=put(plan.lengths),
             freqs=freqs,
+            mscale=rope.mscale,
+            q_scale=None if q_scale is None else put(q_scale)[:, None, :, None],
             mask=put(plan.mask)[:, None],
             rows=put(plan.store_rows),
             cols=put(plan.store_cols),

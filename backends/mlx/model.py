@@ -40,9 +40,10 @@ class Linear(nn.Linear):
 def rope(x: mx.array, step: Step) -> mx.array:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
     D = x.shape[-1]
-    return mx.fast.rope(
+    out = mx.fast.rope(
         x, D, traditional=True, base=None, scale=1.0, offset=step.offsets, freqs=step.freqs
     )
+    return out if step.mscale == 1.0 else out * step.mscale
 
 
 class Attention(nn.Module):
@@ -69,6 +70,8 @@ class Attention(nn.Module):
         v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
         q = self.tap("q", rope(q, step))  # (B, H, T, D)
         k = self.tap("k", rope(k, step))
+        if step.q_scale is not None:  # Ministral 3 scales the queries by position, not the keys
+            q = q * step.q_scale.astype(q.dtype)
 
         # Without a cache the step attends over the new tokens alone.
         keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)

@@ -15,7 +15,7 @@ from backends.mlx.model import Linear, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.rope import inv_frequencies
+from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
 
@@ -83,7 +83,8 @@ class Runner:
         self.mx_dtype = dtype
         self.device = "gpu" if device == mx.gpu else "cpu"
         self.dtype = dtype_name(dtype)
-        self.freqs = mx.array(1.0 / inv_frequencies(args.head_dim, args.rope_theta))
+        self.rope = Rope.of(args)
+        self.freqs = mx.array(1.0 / self.rope.inv_freq)
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
         with mx.stream(self.mx_device):
@@ -99,7 +100,7 @@ class Runner:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
         own_thread_streams()
         with mx.stream(self.mx_device):
-            steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
+            steps = {w: Step.from_plan(plan, self.rope, self.freqs) for w, plan in plans.items()}
             x = mx.array(tokens.astype(np.int32))
             last = None
             if last_only:  # the same in every window's plan
@@ -114,7 +115,7 @@ class Runner:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         own_thread_streams()
         plans = plan_prefill([len(tokens)], self.args.layer_windows())
-        steps = {w: Step.from_plan(plan, self.freqs) for w, plan in plans.items()}
+        steps = {w: Step.from_plan(plan, self.rope, self.freqs) for w, plan in plans.items()}
         taps: dict[str, mx.array] = {}
         for recorder in self.model.recorders():
             recorder.store = taps
@@ -144,7 +145,10 @@ def build(
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
     model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
-    model.load_weights([(k, from_raw(t).astype(dt)) for k, t in tensors.items()], strict=True)
+    weights = {k: from_raw(t).astype(dt) for k, t in tensors.items()}
+    if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
         stack_experts(model)

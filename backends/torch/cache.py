@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from mistral.cache import KeyLayout, StepPlan
+from mistral.rope import Rope
 
 
 @dataclass
@@ -16,23 +17,28 @@ class Step:
 
     key_layout: KeyLayout
     rotation: torch.Tensor  # (B, 1, T, D/2) complex64: e^(i * angle) per new token and pair
+    mscale: float  # the magnitude of the rotation (1 but under YaRN with its scale)
+    q_scale: torch.Tensor | None  # (B, 1, T, 1) float32 query scale by position; None: all 1
     mask: torch.Tensor  # (B, 1, T, K) bool, broadcast over heads
     rows: torch.Tensor  # (M,) int64
     cols: torch.Tensor  # (M,) int64
     slots: torch.Tensor  # (M,) int64
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, inv_freq: torch.Tensor) -> Step:
-        """``inv_freq``: (D/2,) float32 on the device, the shared RoPE frequencies."""
+    def from_plan(cls, plan: StepPlan, rope: Rope, inv_freq: torch.Tensor) -> Step:
+        """``inv_freq``: (D/2,) float32 on the device, ``rope.inv_freq`` put there once."""
         device = inv_freq.device
 
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
         angles = put(plan.positions)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
+        q_scale = rope.query_scales(plan.positions)  # (B, T) or None
         return cls(
             key_layout=plan.key_layout,
             rotation=torch.polar(torch.ones_like(angles), angles),
+            mscale=rope.mscale,
+            q_scale=None if q_scale is None else put(q_scale)[:, None, :, None],
             mask=put(plan.mask)[:, None],
             rows=put(plan.store_rows),
             cols=put(plan.store_cols),

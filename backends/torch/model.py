@@ -40,7 +40,8 @@ class Linear(nn.Linear):
 def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex
-    return torch.view_as_real(pairs * step.rotation).flatten(-2).type_as(x)
+    out = torch.view_as_real(pairs * step.rotation).flatten(-2).type_as(x)
+    return out if step.mscale == 1.0 else out * step.mscale
 
 
 class Attention(nn.Module):
@@ -67,6 +68,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = self.tap("q", rope(q, step))  # (B, H, T, D)
         k = self.tap("k", rope(k, step))
+        if step.q_scale is not None:  # Ministral 3 scales the queries by position, not the keys
+            q = q * step.q_scale.to(q.dtype)
 
         # Without a cache the step attends over the new tokens alone.
         keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)

@@ -14,7 +14,7 @@ from backends.torch.model import Linear, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.rope import inv_frequencies
+from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
 
@@ -94,7 +94,8 @@ class Runner:
         self.torch_dtype = dtype
         self.device = str(device)
         self.dtype = dtype_name(dtype)
-        self.inv_freq = torch.from_numpy(inv_frequencies(args.head_dim, args.rope_theta)).to(device)
+        self.rope = Rope.of(args)
+        self.inv_freq = torch.from_numpy(self.rope.inv_freq).to(device)
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
         with torch.device(self.torch_device):
@@ -109,7 +110,7 @@ class Runner:
         last_only: bool,
     ) -> np.ndarray:
         """(B, T) token ids -> float32 logits, (B, T, V), or (B, V) at each row's last new token."""
-        steps = {w: Step.from_plan(plan, self.inv_freq) for w, plan in plans.items()}
+        steps = {w: Step.from_plan(plan, self.rope, self.inv_freq) for w, plan in plans.items()}
         x = torch.from_numpy(tokens).to(self.torch_device)
         last = None
         if last_only:  # the same in every window's plan
@@ -123,7 +124,7 @@ class Runner:
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         plans = plan_prefill([len(tokens)], self.args.layer_windows())
-        steps = {w: Step.from_plan(plan, self.inv_freq) for w, plan in plans.items()}
+        steps = {w: Step.from_plan(plan, self.rope, self.inv_freq) for w, plan in plans.items()}
         taps: dict[str, torch.Tensor] = {}
         for recorder in self.model.recorders():
             recorder.store = taps
@@ -150,6 +151,8 @@ def build(
     with torch.device("meta"):
         model = Transformer(args)
     state = {k: from_raw(t).to(dev, dt) for k, t in tensors.items()}
+    if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
+        state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     if compile:  # MoE layers of the compiled step multiply by the chosen experts, no host sync

@@ -13,6 +13,7 @@ import numpy as np
 import simple_parsing as sp
 from tqdm import tqdm
 
+from mistral.args import ModelArgs
 from mistral.chat import template_version
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
@@ -54,13 +55,16 @@ class Info:
             return
         a = ckpt.args
         kind = f"MoE {a.moe.num_experts}x, top-{a.moe.num_experts_per_tok}" if a.moe else "dense"
-        window = a.sliding_window or "none"
         print(f"{ckpt.path}  ({ckpt.format} format)")
         heads = f"{a.n_heads} heads / {a.n_kv_heads} kv heads of {a.head_dim}"
         shape = f"{a.n_layers} layers, dim {a.dim}, {heads}, hidden {a.hidden_dim}"
         print(f"  architecture  {shape}, {kind}")
-        print(f"  vocabulary    {a.vocab_size}")
-        print(f"  rope_theta    {a.rope_theta:g}, sliding window {window}, norm_eps {a.norm_eps:g}")
+        tied = ", tied to the embeddings" if a.tied_embeddings else ""
+        print(f"  vocabulary    {a.vocab_size}{tied}")
+        print(f"  attention     {describe_windows(a.layer_windows())}, norm_eps {a.norm_eps:g}")
+        print(f"  rope          {describe_rope(a)}")
+        if a.vision_encoder is not None:
+            print("  vision        the folder has a vision encoder: not run (text only)")
         print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
         print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
         t = info["tokenizer"]
@@ -69,6 +73,30 @@ class Info:
             print(f"  tokenizer     {t['file']}, {tokens}")
         else:
             print("  tokenizer     none found")
+
+
+def describe_windows(windows: list[int | None]) -> str:
+    """'sliding window 4096 in every layer', or how many layers attend over which window."""
+    counts = {w: windows.count(w) for w in dict.fromkeys(windows)}
+    name = {w: "full" if w is None else f"window {w}" for w in counts}
+    if len(counts) == 1:
+        (w,) = counts
+        return "full attention in every layer" if w is None else f"sliding {name[w]}, every layer"
+    return ", ".join(f"{n} layers {name[w]}" for w, n in counts.items())
+
+
+def describe_rope(a: ModelArgs) -> str:
+    out = f"theta {a.rope_theta:g}"
+    if a.yarn:
+        y = a.yarn
+        scale = "q/k scaled" if y.apply_scale else "no magnitude scale"
+        orig = y.original_max_position_embeddings
+        out += f", YaRN x{y.factor:g} of {orig} (beta {y.beta:g}, alpha {y.alpha:g}, {scale})"
+    if a.llama_4_scaling:
+        s = a.llama_4_scaling
+        periods = s.original_max_position_embeddings
+        out += f", queries scaled by 1 + {s.beta:g} ln(1 + floor(pos / {periods}))"
+    return out
 
 
 @dataclass
