@@ -67,7 +67,6 @@ class ModelArgs(Serializable):
     llama_4_scaling: Llama4ScalingArgs | None = None
     tied_embeddings: bool = False  # the output projection is the embedding table (no output.weight)
     max_position_embeddings: int | None = None  # the context the model was made for (informative)
-    vision_encoder: dict[str, Any] | None = None  # Pixtral's tower: kept, not run (text only)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -138,7 +137,27 @@ def parse_moe(d: Any) -> MoeArgs:
     return parse_block("moe", MoeArgs, d)
 
 
+# Keys of a vision-language folder's params.json (Mistral Small 3.x, Pixtral): the text decoder is
+# what this project runs.
+VISION_KEYS = ("vision_encoder", "multimodal")
+
+
+def text_only(params: dict[str, Any], source: str) -> dict[str, Any]:
+    """params without its vision tower, saying so in one line."""
+    if not any(k in params for k in VISION_KEYS):
+        return params
+    warnings.warn(
+        f"{source} describes a vision encoder: its text decoder is loaded, images are not "
+        "supported yet",
+        stacklevel=4,
+    )
+    return {k: v for k, v in params.items() if k not in VISION_KEYS}
+
+
 def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArgs:
+    if not isinstance(params, dict):
+        raise MistralError(f"{source}: expected an object of parameters")
+    params = text_only(params, source)
     known = {f.name for f in fields(ModelArgs)}
     unknown = sorted(set(params) - known)
     if unknown:
@@ -201,8 +220,6 @@ def validate(a: ModelArgs) -> None:
     m = a.max_position_embeddings
     if m is not None and not positive_int(m):
         raise MistralError(f"max_position_embeddings must be a positive integer, got {m!r}")
-    if a.vision_encoder is not None and not isinstance(a.vision_encoder, dict):
-        raise MistralError(f"vision_encoder must be an object, got {a.vision_encoder!r}")
     if a.yarn is not None:
         y = a.yarn
         if not positive_int(y.original_max_position_embeddings):

@@ -11,6 +11,7 @@ by mlx-lm are Hugging Face folders (its Mixtral stacks experts; they are unstack
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral import hf
-from mistral.args import ModelArgs
+from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
 from mistral.npz_file import read_npz
@@ -32,7 +33,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"  # the embedde
 CONFIGS = Path(__file__).resolve().parent / "configs"  # named shapes (params.json) for bench
 
 FORMATS = ("mistral", "hf", "mlx")
-TOKENIZER_FILES = ("tokenizer.model.v3", "tokenizer.model", "tokenizer.model.v1")
+TOKENIZER_FILES = (  # best first: tekken (2024-), then sentencepiece by version
+    "tekken.json",
+    "tokenizer.model.v7",
+    "tokenizer.model.v3",
+    "tokenizer.model",
+    "tokenizer.model.v1",
+)
 HF_SHARD_BYTES = 5 * 2**30
 
 Tensors = dict[str, RawTensor]
@@ -91,18 +98,37 @@ def read_safetensors_set(path: Path, stem: str) -> Tensors:
     return out
 
 
+# The vision tower's tensors in a vision-language folder of Mistral's own layout.
+VISION_PREFIXES = (
+    "vision_encoder.",
+    "vision_language_adapter.",
+    "patch_merger.",
+    "pre_mm_projector_norm.",
+)
+
+
 def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
-    args = read_config(path / "params.json")
+    params = read_json(path / "params.json")
+    args = ModelArgs.from_params(params, str(path / "params.json"))
     if any(path.glob("consolidated*.safetensors")):
-        return args, read_safetensors_set(path, "consolidated")
-    if (path / "consolidated.00.pth").exists():
-        return args, read_pth(path / "consolidated.00.pth")
-    raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
+        tensors = read_safetensors_set(path, "consolidated")
+    elif (path / "consolidated.00.pth").exists():
+        tensors = read_pth(path / "consolidated.00.pth")
+    else:
+        raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
+    if isinstance(params, dict) and any(k in params for k in VISION_KEYS):  # run: the decoder
+        tensors = {k: t for k, t in tensors.items() if not k.startswith(VISION_PREFIXES)}
+    return args, tensors
 
 
 def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
-    args = read_config(path / "config.json")
-    return args, hf.tensors_from_hf(args, read_safetensors_set(path, "model"), str(path))
+    config = read_json(path / "config.json")
+    args = hf.args_from_config(config, str(path / "config.json"))
+    raw = read_safetensors_set(path, "model")
+    tensors = hf.tensors_from_hf(args, raw, str(path), hf.is_multimodal(config))
+    if args.tied_embeddings and "output.weight" in tensors:  # as transformers: the stored one
+        args = dataclasses.replace(args, tied_embeddings=False)
+    return args, tensors
 
 
 def read_mlx(path: Path) -> tuple[ModelArgs, Tensors]:

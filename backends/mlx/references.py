@@ -2,10 +2,13 @@
 
 mlx-lm's Mistral (its llama model) applies a sliding window only to layers listed in layer_types and
 needs at least one full-attention layer, so it attends past Mistral's window; diffs say so.
+Ministral 8B (transformers' ministral, which mlx-lm lacks) runs on its llama with the layer_types;
+Ministral 3 on its ministral3, Mixtral on its mixtral.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 
 import mlx.core as mx
@@ -47,18 +50,22 @@ class MlxLmReference:
         device: str | None,
         dtype: str | None,
     ) -> None:
+        config = hf.config_from_args(args, dtype_name(resolve_dtype(dtype, resolve_device(device))))
+        kind = {"mistral": "llama", "ministral": "llama"}.get(config["model_type"])
         try:
-            from mlx_lm.models import llama, mixtral
+            family = importlib.import_module(f"mlx_lm.models.{kind or config['model_type']}")
         except ImportError:
             raise MistralError("the mlx-lm reference needs mlx-lm: pip install mlx-lm") from None
-        family = mixtral if args.moe else llama
         self.args = args
+        self.scaled = config["model_type"] == "ministral3"  # its attention takes query scales
+        self.rope_parameters = config.get("rope_parameters", {})
+        self.window = config["sliding_window"]  # of the layers mlx-lm windows (layer_types)
         self.mx_device = resolve_device(device)
         dt = resolve_dtype(dtype, self.mx_device)
         self.device = "gpu" if self.mx_device == mx.gpu else "cpu"
         self.dtype = dtype_name(dt)
         self.meter = Meter(args, device, dtype)
-        self.model = family.Model(family.ModelArgs.from_dict(hf.config_from_args(args, self.dtype)))
+        self.model = family.Model(family.ModelArgs.from_dict(config))
         weights = {
             k: mx.array(t.to_numpy()).astype(dt) for k, t in hf.tensors_to_hf(args, tensors).items()
         }
@@ -73,15 +80,26 @@ class MlxLmReference:
         with mx.stream(self.mx_device):
             h = inner.embed_tokens(mx.array([tokens]))
             taps["embeddings"] = h
-            mask = create_attention_mask(h, None)
+            masks = {
+                False: create_attention_mask(h, None),
+                True: create_attention_mask(h, None, window_size=self.window),
+            }
+            scales = []  # ministral3: the queries' scale by position, as its model computes it
+            if self.scaled:
+                r = self.rope_parameters
+                beta, period = r["llama_4_scaling_beta"], r["original_max_position_embeddings"]
+                positions = mx.arange(len(tokens))
+                scale = 1 + beta * mx.log(1 + mx.floor(positions / period))
+                scales = [scale[:, None].astype(h.dtype)]
             for i, layer in enumerate(inner.layers):
                 p = f"layers.{i}."
                 seen: list[mx.array] = []
                 rope = layer.self_attn.rope
                 layer.self_attn.rope = RopeRecorder(rope, seen)
+                mask = masks[bool(getattr(layer, "use_sliding", False))]
                 try:
                     x = taps[p + "attention_norm"] = layer.input_layernorm(h)
-                    r = taps[p + "attention"] = layer.self_attn(x, mask)
+                    r = taps[p + "attention"] = layer.self_attn(x, *scales, mask)
                 finally:
                     layer.self_attn.rope = rope
                 taps[p + "q"], taps[p + "k"] = seen[0], seen[1]
@@ -96,7 +114,10 @@ class MlxLmReference:
                 taps[p + "feed_forward"] = ff
                 h = taps[p + "residual"] = h + ff
             taps["norm"] = inner.norm(h)
-            taps["logits"] = self.model.lm_head(taps["norm"])
+            if self.args.tied_embeddings:
+                taps["logits"] = inner.embed_tokens.as_linear(taps["norm"])
+            else:
+                taps["logits"] = self.model.lm_head(taps["norm"])
             mx.eval(taps)
         out = {k: np.array(v.astype(mx.float32))[0] for k, v in taps.items()}
         for i in range(self.args.n_layers):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from collections.abc import Callable, Mapping
 
@@ -10,6 +11,7 @@ import torch
 
 from backends.torch.measure import Meter
 from backends.torch.runner import dtype_name, resolve_device, resolve_dtype
+from mistral import hf
 from mistral.args import ModelArgs
 from mistral.checkpoint import write_checkpoint
 from mistral.errors import MistralError
@@ -40,13 +42,13 @@ class HFReference:
         dt = resolve_dtype(dtype, dev)
         self.device, self.dtype = str(dev), dtype_name(dt)
         self.meter = Meter(args, device, dtype)
-        cls = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
+        family = hf.model_type(args)  # mistral, mixtral, ministral or ministral3
+        cls = getattr(transformers, hf.CLASSES[family])
         with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
             write_checkpoint(tmp, "hf", args, dict(tensors))
             model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
         self.model = model.to(dev).eval()
-        family = "mixtral" if args.moe else "mistral"
-        self.modeling = getattr(transformers.models, family).__dict__[f"modeling_{family}"]
+        self.modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
     @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:

@@ -63,8 +63,6 @@ class Info:
         print(f"  vocabulary    {a.vocab_size}{tied}")
         print(f"  attention     {describe_windows(a.layer_windows())}, norm_eps {a.norm_eps:g}")
         print(f"  rope          {describe_rope(a)}")
-        if a.vision_encoder is not None:
-            print("  vision        the folder has a vision encoder: not run (text only)")
         print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
         print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
         t = info["tokenizer"]
