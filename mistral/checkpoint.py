@@ -158,8 +158,9 @@ LAYOUTS = (
         lambda p: any(p.glob("weights*.npz")) or any(p.glob("weights*.safetensors")),
         read_mlx,
     ),
-    Layout("mistral", lambda p: (p / "params.json").is_file(), read_mistral),
-    Layout("hf", lambda p: (p / "config.json").is_file(), read_hf),
+    # present(): a params.json that links in a circle or to nothing is named, not skipped
+    Layout("mistral", lambda p: present(p / "params.json"), read_mistral),
+    Layout("hf", lambda p: present(p / "config.json"), read_hf),
 )
 
 

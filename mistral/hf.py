@@ -369,15 +369,18 @@ def tensors_from_hf(
         tensors = decoder_tensors(tensors)
     out = {}
     unknown = []
+    rows = {"wq": args.n_heads, "wk": args.n_kv_heads}
     for name, t in unstack_experts(tensors).items():
         key = from_hf_name(name)
         if key is None:
             unknown.append(name)
             continue
-        if key.endswith("attention.wq.weight"):
-            t = permute_rows(t, args.n_heads, to_hf=False)
-        elif key.endswith("attention.wk.weight"):
-            t = permute_rows(t, args.n_kv_heads, to_hf=False)
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = rows[key.split(".")[-2]]
+            want = (heads * args.head_dim, args.dim)
+            if t.shape != want:  # checked before the rows are reordered (an index that size)
+                raise MistralError(f"{source}: {name} is {t.shape}, the config needs {want}")
+            t = permute_rows(t, heads, to_hf=False)
         out[key] = t
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""

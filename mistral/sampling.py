@@ -9,8 +9,10 @@ def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.nda
     """(B, V) logits -> (B, V) float64 probabilities the sampler draws from: the softmax of
     logits / temperature, kept to the nucleus (the most likely tokens, in order, until their mass
     reaches top_p; the first always stays) and renormalized; zero elsewhere."""
-    z = logits.astype(np.float64) / temperature
-    probs = np.exp(z - z.max(-1, keepdims=True))
+    # Shifted before dividing: a tiny temperature (1e-308) sends the others to -inf, never NaN.
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        probs = np.exp((z - z.max(-1, keepdims=True)) / temperature)
     probs /= probs.sum(-1, keepdims=True)
     order = np.argsort(-probs, axis=-1, kind="stable")
     sorted_p = np.take_along_axis(probs, order, axis=-1)

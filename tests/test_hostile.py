@@ -403,3 +403,88 @@ def test_a_full_stdout_is_one_line():
         )
     assert out.returncode == 1 and "No space left on device" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("shape", [[10**9, 0], [50, 64], [4, 16, 64]])
+def test_hugging_face_q_rows_are_checked_before_they_are_reordered(tmp_path, shape):
+    """An HF wq whose shape is not the config's (a [1e9, 0] entry holds no bytes but would
+    reorder a billion rows; 50 rows do not split into 4 heads) is named in one line."""
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "hf", args, random_weights(args))
+    tensors = read_tensors(tmp_path / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    size = int(np.prod(shape)) * 4
+    items = {k: (list(t.shape), t.to_numpy().tobytes()) for k, t in tensors.items() if k != name}
+    items[name] = (shape, bytes(size))
+    header, data, offset = {}, b"", 0
+    for k, (s, raw) in items.items():
+        header[k] = f32(s, offset, offset + len(raw))
+        data += raw
+        offset += len(raw)
+    safetensors(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(MistralError, match="the config needs"):
+        read_checkpoint(tmp_path)
+
+
+def test_info_refuses_a_billion_layers_in_one_line(tmp_path):
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    params = {**args.to_params(), "n_layers": 10**9}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    out = run_cli("info", str(tmp_path))
+    assert out.returncode == 1 and "asks for" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    from mistral.sampling import sample
+
+    logits = np.array([[0.5, 3.0, -1.0, 2.9]], np.float32)
+    rng = np.random.default_rng(0)
+    assert sample(logits, temperature, 1.0, rng).tolist() == [1]
+
+
+@pytest.mark.parametrize("command", [["info", str(ROOT / "mistral" / "default_model")], ["chat"]])
+def test_a_closed_stdout_is_one_line(command):
+    out = subprocess.run(
+        [sys.executable, "-m", "mistral", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert out.returncode == 1 and "standard output is closed" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_running_out_of_memory_is_one_line(tmp_path):
+    """A long prompt on a model without a window under an address-space limit: the first
+    prefill's masks do not fit, and the error says so in one line (and what to pass)."""
+    args = dataclasses.replace(tiny("tiny-dense"), vocab_size=2048)
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    shutil.copy(ROOT / "mistral" / "default_model" / "tokenizer.model", tmp_path)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))"
+    code = f"{limit}; import sys; from mistral.cli import main; sys.exit(main())"
+    prompt = "and it came to pass " * 12_000  # ~48k tokens: a 2 GB boolean mask, and more
+    out = subprocess.run(
+        [sys.executable, "-c", code, "generate", "--model", str(tmp_path), "--max-tokens", "1"],
+        input=prompt,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr[-800:]
+    assert "out of memory" in out.stderr and "--chunk-size" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["params.json", "config.json"])
+def test_a_config_that_links_in_a_circle_is_named(tmp_path, name):
+    (tmp_path / name).symlink_to(tmp_path / name)
+    with pytest.raises(MistralError, match="a symlink loop"):
+        read_checkpoint(tmp_path)

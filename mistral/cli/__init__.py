@@ -46,12 +46,32 @@ def parser() -> Parser:
     return top
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """numpy's MemoryError, or a framework's allocation failure (torch and MLX raise these as
+    RuntimeError)."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with standard output closed: nothing could be shown
+        print("mistral: error: standard output is closed", file=sys.stderr)
+        return 1
     args = parser().parse_args(argv)
     try:
         args.options.run()
     except MistralError as e:
         print(f"mistral {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
+        print(
+            f"mistral {args.command}: error: out of memory ({why}); a long prompt on a model "
+            "without a sliding window needs --chunk-size",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -32,6 +32,8 @@ class Info:
 
     def run(self) -> None:
         ckpt = read_checkpoint(self.path)
+        # Before describing the args: a config claiming 1e9 layers is refused, not listed.
+        check_tensors(ckpt.args, {k: t.shape for k, t in ckpt.tensors.items()}, str(ckpt.path))
         params = sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
         dtypes = sorted({t.dtype for t in ckpt.tensors.values()})
         info = {
