@@ -94,7 +94,7 @@ def read_safetensors_set(path: Path, stem: str) -> Tensors:
     for f in files:
         if not present(f):
             raise MistralError(f"{path}: shard {f.name} is missing")
-        out.update(read_tensors(f))
+        out.update(read_tensors(inside(path, f.name)))  # a weights file may not link elsewhere
     return out
 
 
@@ -113,7 +113,7 @@ def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
     if any(path.glob("consolidated*.safetensors")):
         tensors = read_safetensors_set(path, "consolidated")
     elif (path / "consolidated.00.pth").exists():
-        tensors = read_pth(path / "consolidated.00.pth")
+        tensors = read_pth(inside(path, "consolidated.00.pth"))
     else:
         raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
     if isinstance(params, dict) and any(k in params for k in VISION_KEYS):  # run: the decoder
@@ -137,9 +137,9 @@ def read_mlx(path: Path) -> tuple[ModelArgs, Tensors]:
     args = read_config(config if config.is_file() else path / "config.json")
     raw: Tensors = {}
     for f in sorted(path.glob("weights*.npz")):
-        raw.update(read_npz(f))
+        raw.update(read_npz(inside(path, f.name)))
     for f in sorted(path.glob("weights*.safetensors")):
-        raw.update(read_tensors(f))
+        raw.update(read_tensors(inside(path, f.name)))
     if any(hf.from_hf_name(name) for name in raw):
         return args, hf.tensors_from_hf(args, raw, str(path))
     return args, raw

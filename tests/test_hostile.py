@@ -488,3 +488,18 @@ def test_a_config_that_links_in_a_circle_is_named(tmp_path, name):
     (tmp_path / name).symlink_to(tmp_path / name)
     with pytest.raises(MistralError, match="a symlink loop"):
         read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "layout, name",
+    [("mistral", "consolidated.safetensors"), ("hf", "model.safetensors"), ("mlx", "weights.npz")],
+)
+def test_a_weights_file_may_not_link_out_of_the_folder(tmp_path, layout, name):
+    """A weights file linked to one elsewhere (a safetensors file in the user's home) is refused,
+    as the tokenizer and an index's shards are; the hub cache's blobs/ stay allowed."""
+    args = tiny("tiny-dense")
+    write_checkpoint(tmp_path / "m", layout, args, random_weights(args))
+    (tmp_path / "m" / name).rename(tmp_path / name)
+    (tmp_path / "m" / name).symlink_to(tmp_path / name)
+    with pytest.raises(MistralError, match="points outside the model folder"):
+        read_checkpoint(tmp_path / "m")
