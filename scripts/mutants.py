@@ -1,6 +1,7 @@
 """Plants one plausible bug at a time in the modules where a bug is silent (the planner, RoPE,
-the q/k un-permutation, sampling, diff's verdict, the generation loop) and runs the tests that
-should catch it: a mutant the tests pass is a survivor. On demand, not in CI (minutes):
+the q/k un-permutation, sampling, diff's verdict, the generation loop, YaRN, query scaling,
+per-layer windows) and runs the tests that should catch it: a mutant the tests pass is a
+survivor. On demand, not in CI (minutes):
 
     .venv/bin/python scripts/mutants.py [--only NAME]
 
@@ -127,6 +128,34 @@ MUTANTS = [
         "(weights - weights.amax(-1, keepdim=True)).exp()"
         " / (weights - weights.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)",
         ["tests/test_embedded.py"],
+    ),
+    (
+        "yarn ramp reversed",
+        "mistral/rope.py",
+        "keep = 1.0 - ramp",
+        "keep = ramp",
+        ["tests/test_families.py"],
+    ),
+    (
+        "yarn magnitude ignored",
+        "mistral/rope.py",
+        "mscale = yarn_mscale(y.factor) if y.apply_scale else 1.0",
+        "mscale = 1.0",
+        ["tests/test_families.py"],
+    ),
+    (
+        "query scaling by the next period",
+        "mistral/rope.py",
+        "periods = np.floor(positions / scaling.original_max_position_embeddings)",
+        "periods = np.ceil(positions / scaling.original_max_position_embeddings)",
+        ["tests/test_families.py"],
+    ),
+    (
+        "window pattern not repeated",
+        "mistral/args.py",
+        "return w * (self.n_layers // len(w))",
+        "return [w[0]] * self.n_layers",
+        ["tests/test_families.py"],
     ),
 ]
 
