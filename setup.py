@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=["mistral", "mistral.cli", "backends", "backends.torch", "backends.mlx"],
     package_data={"mistral": ["default_model/*", "configs/*.json"]},
-    install_requires=["numpy", "sentencepiece", "simple-parsing", "tqdm"],
+    install_requires=["numpy", "sentencepiece", "simple-parsing", "tiktoken", "tqdm"],
     extras_require={
         # Install torch yourself first when you need a specific build (see README).
         "torch": ["torch>=2.5"],

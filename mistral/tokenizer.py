@@ -1,39 +1,55 @@
-"""The sentencepiece tokenizer of Mistral models, with a streaming decoder."""
+"""Mistral's tokenizers, sentencepiece and tekken, behind one interface with a streaming decoder."""
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
 
 from mistral.errors import MistralError
+from mistral.files import regular_file
+from mistral.tekken import VERSIONS, ByteDecoder, Tekken, checked
 
 
 class Tokenizer:
-    """``encode`` puts BOS first; ``decode`` is sentencepiece's (it drops the first space)."""
+    """A tokenizer file of either kind, told apart by its contents: a tekken JSON file
+    (mistral/tekken.py) or a sentencepiece model. ``encode`` puts BOS first and takes special
+    text ("[INST]", "</s>") as plain text; ``decode`` skips control tokens; ``version`` is the
+    instruct format the file declares (v1 ... v13, mistral/templates.py)."""
 
     def __init__(self, model_file: str | Path) -> None:
         path = Path(model_file)
         if not path.is_file():
             raise MistralError(f"tokenizer not found: {path}")
-        try:
-            self.sp = SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as e:
-            raise MistralError(f"{path}: not a sentencepiece model ({e})") from None
+        size = regular_file(path)
+        with path.open("rb") as f:
+            head = f.read(64).lstrip()
+        self.model: SentencePiece | Tekken = (
+            Tekken(path, size) if head.startswith(b"{") else SentencePiece(path)
+        )
         self.path = path
 
     @property
+    def kind(self) -> str:
+        return "tekken" if isinstance(self.model, Tekken) else "sentencepiece"
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @property
     def vocab_size(self) -> int:
-        return self.sp.vocab_size()
+        return self.model.vocab_size
 
     @property
     def bos_id(self) -> int:
-        return self.sp.bos_id()
+        return self.model.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self.model.eos_id
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -42,18 +58,52 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a file)
             raise MistralError("the text is not valid UTF-8") from None
-        ids = self.sp.encode(text)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.model.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:  # a model with a larger vocabulary than its tokenizer sampled one of its own
-            raise MistralError(f"token id {bad[0]} is outside the tokenizer's {self.vocab_size}")
-        return self.sp.decode(ids)
+        return self.model.decode(ids)
 
     def control_id(self, piece: str) -> int | None:
-        """The id of a control piece such as "[INST]" (v3 tokenizers), or None for plain text."""
+        """The id of a control token such as "[INST]", or None when the vocabulary has none."""
+        return self.model.control_id(piece)
+
+    def decoder(self, after: list[int] | None = None) -> IncrementalDecoder | ByteDecoder:
+        """A streaming decoder; ``after`` gives the tokens already shown (a prompt)."""
+        return self.model.decoder(after)
+
+
+class SentencePiece:
+    """A sentencepiece model; ``decode`` is sentencepiece's (it drops the text's first space)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise MistralError(f"{path}: not a sentencepiece model ({e})") from None
+        self.path = path
+        self.vocab_size: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+
+    @functools.cached_property
+    def version(self) -> str:
+        """As mistral-common reads it, from the name's suffix (tokenizer.model.v3; v7m1 is v7
+        with images); a name without one (tokenizer.model) from the vocabulary instead:
+        [SYSTEM_PROMPT] v7, [INST] v3, neither v1 (mistral-common would say v1)."""
+        suffix = re.search(r"\.model\.(v\d+)(m\d+)?$", self.path.name)
+        if suffix and suffix.group(1) in VERSIONS:
+            return suffix.group(1)
+        if self.control_id("[SYSTEM_PROMPT]") is not None:
+            return "v7"
+        return "v3" if self.control_id("[INST]") is not None else "v1"
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(checked(ids, self.vocab_size))
+
+    def control_id(self, piece: str) -> int | None:
         token = self.sp.piece_to_id(piece)
         return token if token != self.sp.unk_id() and self.sp.is_control(token) else None
 
@@ -71,8 +121,8 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text pieces for streaming, equal in the end to
-    ``decode`` of the whole list.
+    """Turns a growing list of sentencepiece ids into text pieces for streaming, equal in the
+    end to ``decode`` of the whole list.
 
     Each new piece is decoded after the token before it, both behind a fixed anchor piece (a
     letter), so that sentencepiece's dropping of a text's leading space never hits a space in the
@@ -82,8 +132,8 @@ class IncrementalDecoder:
     tokens already shown (a prompt, a chat's history), so the first new word keeps its space.
     """
 
-    def __init__(self, tokenizer: Tokenizer, after: list[int] | None = None) -> None:
-        self.tok = tokenizer
+    def __init__(self, model: SentencePiece, after: list[int] | None = None) -> None:
+        self.model = model
         self.ids: list[int] = list(after[-1:]) if after else []
         self.prefix = 0  # ids[prefix:read] is the context already shown
         self.read = len(self.ids)
@@ -93,12 +143,11 @@ class IncrementalDecoder:
         (the start of the text) exactly as ``decode`` gives it, leading space dropped."""
         context, new = self.ids[self.prefix : self.read], self.ids[self.read :]
         if not context:
-            return "", self.tok.decode(new)
-        anchor = [self.tok.anchor]
-        start = len(self.tok.decode(anchor))
-        return self.tok.decode(anchor + context)[start:], self.tok.decode(anchor + context + new)[
-            start:
-        ]
+            return "", self.model.decode(new)
+        anchor = [self.model.anchor]
+        start = len(self.model.decode(anchor))
+        shown = self.model.decode(anchor + context)[start:]
+        return shown, self.model.decode(anchor + context + new)[start:]
 
     def push(self, token: int) -> str:
         """Adds one token; returns the text it completes (maybe empty)."""

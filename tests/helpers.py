@@ -130,3 +130,29 @@ def mistral_common_file(name: str) -> Path:
 
 V1 = "tokenizer.model.v1"
 V3 = "mistral_instruct_tokenizer_240323.model.v3"
+V2 = "mistral_instruct_tokenizer_240216.model.v2"
+V7 = "mistral_instruct_tokenizer_241114.model.v7"
+V7M1 = "mistral_instruct_tokenizer_241114.model.v7m1"
+TEKKEN = "tekken_240718.json"  # Nemo's, v3
+TEKKEN_MM = "tekken_240911.json"  # Pixtral's, v3 with an image config
+SHIPPED = [V1, V2, V3, V7, V7M1, TEKKEN, TEKKEN_MM]  # every tokenizer file mistral-common ships
+
+
+def tekken_as(version: str, dest: Path) -> Path:
+    """Nemo's tekken file declared as ``version`` with its special tokens listed, as the files of
+    v7 and later list them ([ARGS] 32, [CALL_ID] 33, [THINK] 34, [/THINK] 35): mistral-common
+    ships no v7, v11 or v13 tekken file but builds those formats on any tekken file that has the
+    tokens."""
+    import json
+
+    from mistral.tekken import OLD_SPECIAL_TOKENS
+
+    data = json.loads(mistral_common_file(TEKKEN).read_text())
+    names = [*OLD_SPECIAL_TOKENS, *(f"<SPECIAL_{i}>" for i in range(20, 32))]
+    names += ["[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
+    data["special_tokens"] = [
+        {"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(names)
+    ]
+    data["config"]["version"] = version
+    dest.write_text(json.dumps(data))
+    return dest

@@ -27,7 +27,8 @@ class ModelOptions:
     dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
     """Compute dtype. Default: bfloat16 on CUDA and MLX's GPU, float16 on MPS, float32 on CPUs."""
     tokenizer: str | None = None
-    """sentencepiece model file. Default: tokenizer.model[.v1|.v3] in the model folder."""
+    """Tokenizer file, sentencepiece or tekken JSON. Default: the model folder's tekken.json or
+    tokenizer.model[.v7|.v3|...]."""
     compile: bool = False
     """torch: compile the static-shape decode step (torch.compile; replayed as a CUDA graph on
     CUDA). The first steps are slow while it compiles."""
