@@ -1,95 +1,63 @@
-"""Instruct prompt formats of Mistral's v1 and v3 tokenizers, and a chat that keeps its cache."""
+"""Chat prompts in the tokenizer's own instruct format, and a chat that keeps its cache."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
 from mistral.errors import MistralError
 from mistral.generate import Session
+from mistral.messages import Message, Tool, ToolCall, message_of, tool_of
+from mistral.templates import TEMPLATES, Template
 from mistral.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # mistral.api imports this module
     from mistral.api import Model
 
-Role = Literal["user", "assistant"]
-
-
-@dataclass
-class Message:
-    role: Role
-    content: str | list[int]  # an assistant turn may be kept as the very tokens it sampled
+__all__ = ["TEMPLATES", "Chat", "Message", "Tool", "ToolCall", "encode_chat", "template_version"]
 
 
 def template_version(tok: Tokenizer) -> str:
-    """'v3' when [INST] and [/INST] are control tokens of the vocabulary, else 'v1' (plain text)."""
-    return "v3" if tok.control_id("[INST]") is not None else "v1"
+    """The instruct format the tokenizer file declares, as mistral-common reads it (a tekken
+    file's config.version, a sentencepiece file's suffix .v3 / .v7m1, see Tokenizer.version)."""
+    return tok.version
 
 
 def encode_chat(
-    tok: Tokenizer, messages: list[Message], system: str | None = None, version: str | None = None
+    tok: Tokenizer,
+    messages: list[Message] | list[dict[str, Any]],
+    system: str | None = None,
+    version: str | None = None,
+    tools: list[Tool] | list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The prompt of a conversation ending with a user turn, as Mistral's instruct tokenizers do.
+    """The prompt of a conversation, token for token as mistral-common's encode_chat_completion.
 
-    v1: ``<s>[INST] {system}\\n\\n{user} [/INST]{answer}</s>[INST] ...`` with [INST] as plain text
-    and the system prompt in the first user turn. v3: [INST] and [/INST] are control tokens and the
-    system prompt goes into the last user turn.
+    ``messages`` are Messages or OpenAI-style dicts: {"role": "system" | "user" | "assistant" |
+    "tool", "content": text}, an assistant's "tool_calls" ([{"id", "type": "function",
+    "function": {"name", "arguments"}}]), a tool result's "tool_call_id" (and "name"). ``system``
+    is a system message before them; ``tools`` the functions offered (OpenAI's {"type":
+    "function", "function": {name, description, parameters}}). The conversation ends with a user
+    message or tool results. A refused conversation (as mistral-common refuses it, and tools with
+    v1, which it drops) raises MistralError. ``version`` overrides the tokenizer's format
+    (mistral/templates.py).
     """
     version = version or template_version(tok)
-    if version not in ("v1", "v3"):
-        raise MistralError(f"unknown chat template {version!r}: use v1 or v3")
-    begin, end = tok.control_id("[INST]"), tok.control_id("[/INST]")
-    if version == "v3" and (begin is None or end is None):
+    if version not in TEMPLATES:
         raise MistralError(
-            f"template v3 needs [INST] and [/INST] control tokens, which {tok.path.name} "
-            "lacks: use v1"
+            f"chat template {version} (of {tok.path.name}) is not supported: use one of {TEMPLATES}"
         )
-    users = [i for i, m in enumerate(messages) if m.role == "user"]
-    if not users or messages[-1].role != "user":
-        raise MistralError("a chat prompt must end with a user message")
-    ids = [tok.bos_id]
-    for i, m in enumerate(messages):
-        if m.role == "user":
-            assert isinstance(m.content, str)
-            text = m.content
-            if system and i == (users[0] if version == "v1" else users[-1]):
-                text = system + "\n\n" + text
-            if version == "v1":
-                ids += tok.encode(f"[INST] {text} [/INST]", bos=False)
-            else:
-                ids += [begin, *tok.encode(text, bos=False), end]
-        elif m.role == "assistant":
-            if isinstance(m.content, str):
-                text = m.content if version == "v1" else m.content.rstrip(" ")
-                ids += tok.encode(text, bos=False)
-            else:
-                ids += list(m.content)
-            ids.append(tok.eos_id)
-        else:
-            raise MistralError(f"unknown role {m.role!r}")
-    return ids
+    if not isinstance(messages, list) or not isinstance(tools, list | None):
+        raise MistralError("messages and tools must be lists")
+    turns = [message_of(m, i) for i, m in enumerate(messages)]
+    if system:
+        turns.insert(0, Message("system", system))
+    return Template(tok, version).encode(turns, [tool_of(t, i) for i, t in enumerate(tools or [])])
 
 
-def encode_messages(tok: Tokenizer, messages: list[Message] | list[dict[str, str]]) -> list[int]:
-    """The prompt of OpenAI-style messages ({"role": "system" | "user" | "assistant", "content":
-    text}) or Messages, in the tokenizer's own template; a system message becomes the system
-    prompt."""
-    system = None
-    turns = []
-    for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            turns.append(m)
-            continue
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise MistralError(f"message {i} is not a dict with a text 'content'")
-        if m.get("role") == "system":
-            system = m["content"] if system is None else f"{system}\n\n{m['content']}"
-        elif m.get("role") in ("user", "assistant"):
-            turns.append(Message(m["role"], m["content"]))
-        else:
-            raise MistralError(f"message {i}: unknown role {m.get('role')!r}")
-    return encode_chat(tok, turns, system)
+def encode_messages(tok: Tokenizer, messages: list[Message] | list[dict[str, Any]]) -> list[int]:
+    """The prompt of OpenAI-style messages or Messages in the tokenizer's own format."""
+    return encode_chat(tok, messages)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -105,15 +73,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Chat:
     """A conversation whose tokens stay in one cache: each turn feeds only what is new.
 
-    If the prompt changes before its end (v3 moves the system prompt to the last user turn), the
-    cache is rewound to the common prefix when the rotating buffer still holds what that needs, and
-    rebuilt otherwise.
+    If the prompt changes before its end (v2, v3 move the system prompt, v2-v11 the tools, to the
+    last user turn), the cache is rewound to the common prefix when the rotating buffer still holds
+    what that needs, and rebuilt otherwise.
     """
 
     model: Model
     system: str | None = None
     version: str | None = None
     context: int = 4096  # cache length when the model has no sliding window
+    tools: list[Tool] | list[dict[str, Any]] | None = None
     messages: list[Message] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)
     session: Session | None = None
@@ -125,7 +94,7 @@ class Chat:
     def reply(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
         """Streams the answer to ``text``; stopping the iterator early keeps what was said."""
         self.messages.append(Message("user", text))
-        prompt = encode_chat(self.tok, self.messages, self.system, self.version)
+        prompt = encode_chat(self.tok, self.messages, self.system, self.version, self.tools)
         keep = common_prefix(self.fed, prompt)
         if self.session is None or keep == 0 or not self.session.planner.rewind([keep]):
             self.session, keep = self.model.session(1, self.context), 0

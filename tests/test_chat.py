@@ -10,7 +10,7 @@ from mistral.contract import BACKENDS
 from mistral.generate import Session
 from mistral.tokenizer import Tokenizer
 from mistral.weights import random_weights
-from tests.helpers import V1, V3, mistral_common_file, tiny
+from tests.helpers import TEKKEN, V1, V3, V7, mistral_common_file, tiny
 
 
 def model_for(tokenizer: Tokenizer, window: int | None, backend: str = "torch"):
@@ -40,7 +40,14 @@ TURNS = ["Tell me of the sea.", "And of the rivers?", "Thank you; one more word.
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "name, system, window", [(V1, "Be brief.", None), (V3, "Be brief.", None), (V1, None, 16)]
+    "name, system, window",
+    [
+        (V1, "Be brief.", None),
+        (V3, "Be brief.", None),
+        (V1, None, 16),
+        (V7, "Be brief.", None),
+        (TEKKEN, "Be brief.", 16),
+    ],
 )
 def test_each_answer_equals_a_fresh_greedy_run(backend, name, system, window):
     tok = Tokenizer(mistral_common_file(name))
@@ -54,8 +61,9 @@ def test_each_answer_equals_a_fresh_greedy_run(backend, name, system, window):
         assert answer == tok.decode(chat.messages[-1].content)  # streamed as a whole decode
 
 
-def test_only_new_tokens_are_fed_when_the_prompt_only_grows(fed):
-    tok = Tokenizer(mistral_common_file(V1))  # v1 puts the system prompt in the first turn
+@pytest.mark.parametrize("name", [V1, V7])
+def test_only_new_tokens_are_fed_when_the_prompt_only_grows(fed, name):
+    tok = Tokenizer(mistral_common_file(name))  # v1: system in the first turn; v7: before it
     chat = Chat(model_for(tok, None), system="Be brief.")
     total = 0
     for text in TURNS:
@@ -98,3 +106,13 @@ def test_messages_keep_sampled_tokens():
     messages = [Message("user", "hi"), Message("assistant", [5, 6, 7]), Message("user", "ok")]
     ids = encode_chat(tok, messages)
     assert ids[ids.index(5) : ids.index(7) + 2] == [5, 6, 7, tok.eos_id]
+
+
+def test_tools_offered_to_a_chat_are_in_its_prompt():
+    tok = Tokenizer(mistral_common_file(V7))
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    chat = Chat(model_for(tok, None), tools=[weather])
+    list(chat.reply("Weather?", max_tokens=3))
+    prompt = encode_chat(tok, chat.messages[:-1], tools=[weather])
+    assert chat.fed[: len(prompt)] == prompt
+    assert tok.control_id("[AVAILABLE_TOOLS]") in prompt

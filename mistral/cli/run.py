@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import simple_parsing as sp
 
+from mistral.chat import TEMPLATES, template_version
 from mistral.chat import Chat as Conversation
-from mistral.chat import template_version
 from mistral.cli.options import ModelOptions, SamplingOptions, read_stdin_prompt, write
 
 
@@ -89,9 +89,10 @@ class Chat:
 
     system: str | None = None
     """System prompt (placed as the model's instruct format places it)."""
-    template: str | None = sp.choice("v1", "v3", default=None)
-    """Prompt format: v1 ([INST] as text) or v3 ([INST] as control tokens). Default: from the
-    tokenizer."""
+    template: str | None = sp.choice(*TEMPLATES, default=None)
+    """Prompt format, as mistral-common renders it: v1 ([INST] as text), v2/v3 (control tokens,
+    system prompt in the last user turn), v7/v11/v13 ([SYSTEM_PROMPT] tokens). Default: the one
+    the tokenizer file declares."""
     context: int = 4096
     """Cache length for models without a sliding window."""
     model: ModelOptions = sp.field(default_factory=ModelOptions)
