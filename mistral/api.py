@@ -71,9 +71,13 @@ class Model:
         eos_id: int | None = None,
         chunk_size: int | None = None,
         session: gen.Session | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> Generator[list[int | None], None, None]:
         """Yields, per step, the new token of every row (None once a row has produced
-        ``eos_id``); ``session`` continues a cache that already holds earlier tokens."""
+        ``eos_id``); ``session`` continues a cache that already holds earlier tokens. Sampling
+        applies temperature, top_k (0: off), top_p and min_p (0: off) in that order, as
+        transformers does; temperature 0 is greedy."""
         return gen.stream(
             self.runner,
             prompts,
@@ -84,6 +88,8 @@ class Model:
             eos_id=eos_id,
             chunk_size=chunk_size,
             session=session,
+            top_k=top_k,
+            min_p=min_p,
         )
 
     def generate(
@@ -95,10 +101,22 @@ class Model:
         seed: int | None = None,
         eos_id: int | None = None,
         chunk_size: int | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[int]]:
         """New token ids per row; greedy at temperature 0; a row stops after ``eos_id`` if given."""
         out: list[list[int]] = [[] for _ in prompts]
-        steps = self.stream(prompts, max_tokens, temperature, top_p, seed, eos_id, chunk_size)
+        steps = self.stream(
+            prompts,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            eos_id,
+            chunk_size,
+            top_k=top_k,
+            min_p=min_p,
+        )
         for step in steps:
             for b, t in enumerate(step):
                 if t is not None:

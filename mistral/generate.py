@@ -47,6 +47,8 @@ def check_options(
     top_p: float,
     seed: int | None,
     chunk_size: int | None,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> None:
     """Refuses, naming it, a generation option of the wrong type or out of range (NaN too)."""
     if not is_int(max_tokens) or max_tokens < 0:
@@ -61,6 +63,10 @@ def check_options(
         raise MistralError(f"seed must be an integer >= 0 or None, got {seed!r}")
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size <= 0):
         raise MistralError(f"chunk_size must be positive, got {chunk_size!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise MistralError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0 <= min_p < 1:
+        raise MistralError(f"min_p must be in [0, 1) (0 keeps every token), got {min_p!r}")
 
 
 def pad(rows: list[list[int]]) -> np.ndarray:
@@ -138,10 +144,12 @@ def stream(
     eos_id: int | None = None,
     chunk_size: int | None = None,
     session: Session | None = None,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> Generator[list[int | None], None, None]:
     """Yields, per step, the new token of every row (None once a row has produced ``eos_id``)."""
     check_batch(prompts, runner.args.vocab_size)
-    check_options(max_tokens, temperature, top_p, seed, chunk_size)
+    check_options(max_tokens, temperature, top_p, seed, chunk_size, top_k, min_p)
     if session is None:
         longest = max(len(p) for p in prompts) + max_tokens
         session = Session(runner, len(prompts), longest)
@@ -154,7 +162,7 @@ def stream(
                 last[b] = logits[b]
     done = np.zeros(B, dtype=bool)
     for i in range(max_tokens):
-        tokens = sample(last, temperature, top_p, rng)
+        tokens = sample(last, temperature, top_p, rng, top_k, min_p)
         yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
         if eos_id is not None:
             done |= tokens == eos_id
