@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral import hf
+from mistral import hf, hub
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
@@ -165,7 +165,10 @@ LAYOUTS = (
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Reads a folder by the first layout whose files it has (tensors stay memory-mapped)."""
+    """Reads a folder by the first layout whose files it has (tensors stay memory-mapped); a
+    Hugging Face repo id ("org/name") that names no folder here is resolved through the hub."""
+    if hub.is_repo_id(str(path)):
+        path = hub.resolve(str(path))
     path = Path(path)
     if not path.is_dir():
         raise MistralError(f"{path}: not a model folder")
