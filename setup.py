@@ -14,6 +14,7 @@ setup(
         # Install torch yourself first when you need a specific build (see README).
         "torch": ["torch>=2.5"],
         "mlx": ["mlx>=0.26"],
+        "hub": ["huggingface_hub"],  # models by repo id (mistral.load("org/name"))
         "test": ["pytest", "ruff", "transformers", "mlx-lm", "mistral-common", "matplotlib"],
     },
     entry_points={"console_scripts": ["mistral = mistral.cli:main"]},

@@ -128,3 +128,17 @@ def test_generation_takes_top_k_and_min_p_and_refuses_bad_ones():
     for bad in ({"top_k": -1}, {"top_k": 2.5}, {"min_p": 1.0}, {"min_p": float("nan")}):
         with pytest.raises(mistral.MistralError, match=next(iter(bad))):
             model.generate(prompt, 4, **bad)
+
+
+def test_mlx_lm_cuts_the_nucleus_before_its_temperature():
+    """mlx-lm's sampler applies top-p to the log-probabilities as they are and divides by the
+    temperature only when it draws: at temperature 1 its nucleus is ours, at another it is not
+    (the README says so)."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    logits = np.random.default_rng(8).normal(0, 2, (1, 200)).astype(np.float32)
+    logprobs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    theirs = np.isfinite(np.array(apply_top_p(mx.array(logprobs.astype(np.float32)), 0.9)))
+    assert np.array_equal(theirs, distribution(logits, 1.0, 0.9) > 0)
+    assert (distribution(logits, 2.0, 0.9) > 0).sum() > theirs.sum()  # ours widens with T
