@@ -3,17 +3,19 @@ model (its Runner, mistral.contract, stays behind it)."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from mistral import contract
 from mistral import generate as gen
 from mistral.args import ModelArgs
 from mistral.chat import Message, encode_messages
 from mistral.checkpoint import DEFAULT_MODEL, read_checkpoint
 from mistral.contract import Runner, build
 from mistral.errors import MistralError
+from mistral.measure import ResidentMemory
 from mistral.tokenizer import Tokenizer
 from mistral.weights import RawTensor
 
@@ -73,11 +75,13 @@ class Model:
         session: gen.Session | None = None,
         top_k: int = 0,
         min_p: float = 0.0,
+        observe: Callable[[np.ndarray], None] | None = None,
     ) -> Generator[list[int | None], None, None]:
         """Yields, per step, the new token of every row (None once a row has produced
         ``eos_id``); ``session`` continues a cache that already holds earlier tokens. Sampling
         applies temperature, top_k (0: off), top_p and min_p (0: off) in that order, as
-        transformers does; temperature 0 is greedy."""
+        transformers does; temperature 0 is greedy. ``observe`` sees the (B, V) float32 logits
+        each step's tokens are drawn from, before they are drawn."""
         return gen.stream(
             self.runner,
             prompts,
@@ -90,6 +94,7 @@ class Model:
             session=session,
             top_k=top_k,
             min_p=min_p,
+            observe=observe,
         )
 
     def generate(
@@ -155,6 +160,14 @@ class Model:
     ) -> str:
         """The text that follows ``prompt`` (see ``stream_text``), whole."""
         return "".join(self.stream_text(prompt, max_tokens, temperature, top_p, seed))
+
+    def peak_memory(self) -> tuple[int, str]:
+        """The most memory the run has held so far, and of what: the device's (CUDA, Metal) or
+        the process's resident memory (CPUs, MPS)."""
+        meter = contract.backend(self.backend).meter(self.args, self.device, self.dtype)
+        if meter.on_device:
+            return meter.peak(), "device"
+        return ResidentMemory.status("VmHWM") or ResidentMemory.current(), "resident"
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 
@@ -146,8 +146,10 @@ def stream(
     session: Session | None = None,
     top_k: int = 0,
     min_p: float = 0.0,
+    observe: Callable[[np.ndarray], None] | None = None,
 ) -> Generator[list[int | None], None, None]:
-    """Yields, per step, the new token of every row (None once a row has produced ``eos_id``)."""
+    """Yields, per step, the new token of every row (None once a row has produced ``eos_id``);
+    ``observe`` sees the (B, V) float32 logits each step's tokens are drawn from, first."""
     check_batch(prompts, runner.args.vocab_size)
     check_options(max_tokens, temperature, top_p, seed, chunk_size, top_k, min_p)
     if session is None:
@@ -162,6 +164,8 @@ def stream(
                 last[b] = logits[b]
     done = np.zeros(B, dtype=bool)
     for i in range(max_tokens):
+        if observe is not None:
+            observe(last)
         tokens = sample(last, temperature, top_p, rng, top_k, min_p)
         yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
         if eos_id is not None:

@@ -53,13 +53,24 @@ class SamplingOptions:
     """Tokens to generate per prompt (a row stops earlier at end-of-sequence)."""
     temperature: float = 0.0
     """0 is greedy; higher samples more freely."""
+    top_k: int = 0
+    """Sample among the K most likely tokens only (0: no limit)."""
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    min_p: float = 0.0
+    """Drop tokens less likely than this fraction of the most likely one's (0: keep all)."""
     seed: int | None = None
     """Seed of the sampler, for repeatable sampled output."""
 
     def kwargs(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        """Applied in transformers' order: temperature, top-k, top-p, min-p."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+        }
 
 
 def read_stdin_prompt() -> str:
