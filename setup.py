@@ -1,10 +1,15 @@
 """Packaging: the neutral spec installs alone; each backend is an extra."""
 
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+INIT = (Path(__file__).parent / "mistral" / "__init__.py").read_text()
 
 setup(
     name="mistral-reference",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', INIT).group(1),
     description="Reference Mistral/Mixtral inference on PyTorch and MLX, and a cross-backend diff",
     python_requires=">=3.10",
     packages=["mistral", "mistral.cli", "backends", "backends.torch", "backends.mlx"],

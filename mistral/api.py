@@ -16,6 +16,7 @@ from mistral.checkpoint import DEFAULT_MODEL, read_checkpoint
 from mistral.contract import Runner, build
 from mistral.errors import MistralError
 from mistral.measure import ResidentMemory
+from mistral.stops import StopText
 from mistral.tokenizer import Tokenizer
 from mistral.weights import RawTensor
 
@@ -135,19 +136,28 @@ class Model:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop: list[str] | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> Iterator[str]:
         """Streams the text that follows ``prompt``, a string or chat messages (dicts with "role"
-        and "content", as OpenAI's API takes them), up to the tokenizer's end of sequence."""
+        and "content", as OpenAI's API takes them), up to the tokenizer's end of sequence or the
+        first of the ``stop`` texts (not included)."""
         tok = self.require_tokenizer()
         ids = tok.encode(prompt) if isinstance(prompt, str) else encode_messages(tok, prompt)
-        decoder = tok.decoder(after=ids)
-        steps = self.stream([ids], max_tokens, temperature, top_p, seed, eos_id=tok.eos_id)
+        decoder, stops = tok.decoder(after=ids), StopText(stop or [])
+        steps = self.stream(
+            [ids], max_tokens, temperature, top_p, seed, tok.eos_id, top_k=top_k, min_p=min_p
+        )
         for (token,) in steps:
             if token is None or token == tok.eos_id:
                 break
-            if piece := decoder.push(token):
+            if piece := stops.push(decoder.push(token)):
                 yield piece
-        if tail := decoder.flush():
+            if stops.stopped:
+                steps.close()
+                return
+        if tail := stops.push(decoder.flush()) + stops.flush():
             yield tail
 
     def generate_text(
@@ -157,9 +167,13 @@ class Model:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop: list[str] | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> str:
         """The text that follows ``prompt`` (see ``stream_text``), whole."""
-        return "".join(self.stream_text(prompt, max_tokens, temperature, top_p, seed))
+        pieces = self.stream_text(prompt, max_tokens, temperature, top_p, seed, stop, top_k, min_p)
+        return "".join(pieces)
 
     def peak_memory(self) -> tuple[int, str]:
         """The most memory the run has held so far, and of what: the device's (CUDA, Metal) or

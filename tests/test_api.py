@@ -98,3 +98,28 @@ def test_defaults_on_a_cpu_machine_and_float32_logits(backend):
     half = mistral.from_tensors(args, weights, backend, device="cpu", dtype="bfloat16")
     [logits] = half.logits([[1, 2, 3]])
     assert logits.dtype == np.float32 and half.dtype == "bfloat16"
+
+
+def test_the_readme_python_example_runs_as_written(capsys):
+    """The API block of the README, run on the embedded model (the lines that need a folder,
+    a GPU or the network are comments there)."""
+    import re
+
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert "." not in capsys.readouterr().out.splitlines()[0]  # stopped before the first "."
+    assert len(scope["tokens"]) == 2 and scope["taps"]["logits"].shape[0] == len(scope["rows"][0])
+
+
+def test_stop_texts_in_the_text_calls():
+    import mistral
+
+    model = mistral.load()
+    whole = model.generate_text("And it came to pass", max_tokens=40)
+    word = whole.split()[3]
+    cut = model.generate_text("And it came to pass", max_tokens=40, stop=[word])
+    assert cut == whole[: whole.index(word)]
