@@ -253,3 +253,17 @@ def test_a_flag_takes_no_value_so_it_may_come_before_a_path():
         out = run(*argv)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["format"] == "mistral"
+
+
+def test_other_libraries_warnings_stay_out_and_ours_are_one_line():
+    code = (
+        "import warnings, sys\n"
+        "from mistral.cli import quiet_third_parties\n"
+        "quiet_third_parties()\n"
+        "warnings.warn('`past_key_values` is deprecated', FutureWarning)\n"
+        "warnings.warn('Torchinductor does not support code generation for complex operators')\n"
+        "warnings.warn('params.json has no rope_theta: using 10000')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout == ""
+    assert out.stderr == "mistral: warning: params.json has no rope_theta: using 10000\n"
