@@ -267,3 +267,26 @@ def test_other_libraries_warnings_stay_out_and_ours_are_one_line():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.stdout == ""
     assert out.stderr == "mistral: warning: params.json has no rope_theta: using 10000\n"
+
+
+def test_chat_refuses_a_template_its_tokenizer_cannot_serve_at_start():
+    out = run("chat", "--template", "v7", stdin="")  # no message needed to find out
+    assert_one_line_error(out, "template v7 needs the control token")
+    assert out.stdout == ""
+
+
+def test_chat_commands_without_a_terminal(tmp_path):
+    saved = tmp_path / "c.json"
+    script = f"/set temperature 2x\n/set top_p 0\nWho was Noah?\n/save {saved}\n/quit\nignored\n"
+    out = run("chat", "--max-tokens", "5", stdin=script)
+    assert out.returncode == 0, out.stderr
+    assert "temperature takes a number" in out.stderr and "top_p must be in (0, 1]" in out.stderr
+    record = json.loads(saved.read_text())
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    again = run("chat", "--max-tokens", "5", stdin=f"/load {saved}\nAnd then?\n/save {saved}\n")
+    assert again.returncode == 0, again.stderr
+    assert len(json.loads(saved.read_text())["messages"]) == 4
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
+    out = run("chat", stdin=f"/load {bad}\n")
+    assert out.returncode == 0 and "mistral chat:" in out.stderr and "Traceback" not in out.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -13,10 +15,11 @@ import simple_parsing as sp
 
 from mistral import generate as gen
 from mistral.api import Model
-from mistral.chat import TEMPLATES, template_version
+from mistral.chat import TEMPLATES, Message, encode_chat, template_version
 from mistral.chat import Chat as Conversation
 from mistral.cli.options import ModelOptions, SamplingOptions, read_stdin_prompt, write
 from mistral.errors import MistralError
+from mistral.messages import message_of
 from mistral.stops import StopText
 from mistral.tokenizer import Tokenizer
 
@@ -172,11 +175,25 @@ def report(results: list[dict], wall: float, memory: tuple[int, str]) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+CHAT_HELP = """commands:
+  /help              this list
+  /reset             forget the conversation (the system prompt stays)
+  /system TEXT       set the system prompt (/system alone clears it)
+  /set NAME VALUE    a sampling option: temperature, top_p, top_k, min_p, max_tokens, seed
+  /save FILE         write the conversation as JSON (system, template, messages)
+  /load FILE         read a conversation written by /save (OpenAI-style messages)
+  /quit              leave (so does Ctrl-D)
+Ctrl-C stops an answer; at the prompt it clears the line."""
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int}
+
+
 @dataclass
 class Chat:
     """Chat with an instruct model: streaming answers, history kept in the cache across turns.
 
-    Ctrl-C stops the current answer and keeps the session; Ctrl-D (end of input) leaves.
+    Line editing and history as in a shell (readline). Commands: /help, /reset, /system TEXT,
+    /set NAME VALUE, /save FILE, /load FILE, /quit. Ctrl-C stops the current answer and, at the
+    prompt, clears the line; Ctrl-D (end of input) leaves.
     """
 
     system: str | None = None
@@ -192,20 +209,29 @@ class Chat:
 
     def run(self) -> None:
         model = self.model.load()
+        tok = model.require_tokenizer()
+        version = self.template or template_version(tok)
+        encode_chat(tok, [Message("user", "hi")], version=version)  # a template it cannot serve
         chat = Conversation(model, self.system, self.template, self.context)
         interactive = sys.stdin.isatty()
         if interactive:
-            version = self.template or template_version(chat.tok)
+            enable_line_editing()
             print(
-                f"[{model!r}, template {version}; Ctrl-C stops an answer, Ctrl-D quits]",
+                f"[{model!r}, template {version}; /help for commands, Ctrl-D quits]",
                 file=sys.stderr,
             )
         while True:
             try:
                 text = input("> " if interactive else "")
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 print(file=sys.stderr)
                 return
+            except KeyboardInterrupt:  # at the prompt: the line is dropped, the chat goes on
+                if not interactive:
+                    print(file=sys.stderr)
+                    return
+                print("^C (Ctrl-D or /quit to leave)", file=sys.stderr)
+                continue
             except UnicodeDecodeError:
                 text = "\udcff"  # reported below, as a line Python let through undecoded is
             if not is_utf8(text):
@@ -213,14 +239,122 @@ class Chat:
                 continue
             if not text.strip():
                 continue
-            answer = chat.reply(text, self.sampling.max_tokens, **self.sampling.kwargs())
-            try:
-                for piece in answer:
-                    write(piece)
-            except KeyboardInterrupt:
-                answer.close()
-                write(" [stopped]")
-            write("\n")
+            if text.startswith("/"):
+                if self.command(text, chat) == "quit":
+                    return
+                continue
+            self.answer(chat, text)
+
+    def answer(self, chat: Conversation, text: str) -> None:
+        answer = chat.reply(text, self.sampling.max_tokens, **self.sampling.kwargs())
+        try:
+            for piece in answer:
+                write(piece)
+        except KeyboardInterrupt:
+            answer.close()
+            write(" [stopped]")
+        write("\n")
+
+    def command(self, line: str, chat: Conversation) -> str | None:
+        """Runs one /command; a mistake is said on stderr and the chat goes on."""
+        name, _, arg = line[1:].strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("quit", "exit"):
+                return "quit"
+            if name == "help":
+                print(CHAT_HELP, file=sys.stderr)
+            elif name == "reset":
+                chat.messages, chat.fed, chat.session = [], [], None
+                say("conversation cleared")
+            elif name == "system":
+                chat.system = arg or None
+                say(f"system prompt {'set' if arg else 'cleared'}")
+            elif name == "set":
+                self.set_option(arg)
+            elif name == "save":
+                save_conversation(chat, arg)
+                say(f"saved {len(chat.messages)} messages to {arg}")
+            elif name == "load":
+                load_conversation(chat, arg)
+                say(f"loaded {len(chat.messages)} messages from {arg}")
+            else:
+                raise MistralError(f"unknown command /{name} (/help lists them)")
+        except MistralError as e:
+            print(f"mistral chat: {e}", file=sys.stderr)
+        return None
+
+    def set_option(self, arg: str) -> None:
+        key, _, value = arg.replace("-", "_").partition(" ")
+        kinds = {**SETTABLE, "max_tokens": int}
+        if key not in kinds or not value.strip():
+            raise MistralError(f"use /set NAME VALUE with NAME one of {', '.join(kinds)}")
+        try:
+            number = kinds[key](value.strip())
+        except ValueError:
+            raise MistralError(f"{key} takes a number, not {value.strip()!r}") from None
+        candidate = dataclasses.replace(self.sampling, **{key: number})
+        s = candidate
+        gen.check_options(s.max_tokens, s.temperature, s.top_p, s.seed, None, s.top_k, s.min_p)
+        self.sampling = candidate
+        say(f"{key} = {number}")
+
+
+def say(text: str) -> None:
+    print(f"[{text}]", file=sys.stderr)
+
+
+def save_conversation(chat: Conversation, path: str) -> None:
+    if not path:
+        raise MistralError("use /save FILE")
+    tok = chat.tok
+    messages = [
+        {
+            "role": m.role,
+            "content": m.content if isinstance(m.content, str) else tok.decode(m.content),
+        }
+        for m in chat.messages
+    ]
+    record = {"system": chat.system, "template": chat.version, "messages": messages}
+    try:
+        Path(path).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise MistralError(f"cannot write {path} ({e.strerror or e})") from None
+
+
+def load_conversation(chat: Conversation, path: str) -> None:
+    if not path:
+        raise MistralError("use /load FILE")
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MistralError(f"cannot read {path} ({str(e).splitlines()[0]})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise MistralError(f"{path}: not a conversation written by /save")
+    messages = [message_of(m, i) for i, m in enumerate(record["messages"])]
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise MistralError(f"{path}: the system prompt must be text")
+    chat.messages, chat.system, chat.fed, chat.session = messages, system, [], None
+
+
+def enable_line_editing() -> None:
+    """readline for input(): arrows, history (kept in ~/.mistral_history)."""
+    try:
+        import atexit
+        import readline
+    except ImportError:  # Windows without pyreadline: input() as it is
+        return
+    history = Path.home() / ".mistral_history"
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+    readline.set_history_length(1000)
+
+    def keep() -> None:
+        with contextlib.suppress(OSError):
+            readline.write_history_file(history)
+
+    atexit.register(keep)
 
 
 def is_utf8(text: str) -> bool:
