@@ -1,8 +1,9 @@
 """Model folders in three layouts (Mistral, Hugging Face, MLX), read and written framework-free.
 
-    mistral  params.json + consolidated.safetensors (or its shards, or consolidated.00.pth)
-    hf       config.json + model.safetensors (or shards and their index), HF names, wq/wk permuted
-    mlx      params.json or config.json + weights*.npz / weights*.safetensors (mlx-examples)
+    mistral       params.json + consolidated.safetensors (or its shards, or consolidated.00.pth)
+    hf            config.json + model.safetensors (or shards and their index), HF names, wq/wk
+                  permuted; also what mlx-lm reads and writes ("mlx" when writing)
+    mlx-examples  params.json or config.json + weights*.npz / weights*.safetensors
 
 Reading: LAYOUTS is the table, one reader per layout, the first whose files a folder has is used;
 each reader returns the args and the tensors named by the spec's checkpoint keys. Folders written
@@ -32,7 +33,9 @@ from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"  # the embedded model
 CONFIGS = Path(__file__).resolve().parent / "configs"  # named shapes (params.json) for bench
 
-FORMATS = ("mistral", "hf", "mlx")
+# What `convert --to` writes. mlx is the layout mlx-lm reads and writes today, which is Hugging
+# Face's (config.json + model*.safetensors); mlx-examples is the older params.json + weights.npz.
+FORMATS = ("mistral", "hf", "mlx", "mlx-examples")
 TOKENIZER_FILES = (  # best first: tekken (2024-), then sentencepiece by version
     "tekken.json",
     "tokenizer.model.v7",
@@ -154,7 +157,7 @@ class Layout:
 
 LAYOUTS = (
     Layout(
-        "mlx",
+        "mlx-examples",
         lambda p: any(p.glob("weights*.npz")) or any(p.glob("weights*.safetensors")),
         read_mlx,
     ),
@@ -198,7 +201,7 @@ def write_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     out_dtype = dtype or next(iter(tensors.values())).dtype
-    if fmt == "hf":
+    if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
         (path / "config.json").write_text(
             json.dumps(hf.config_from_args(args, out_dtype), indent=2)
         )

@@ -61,6 +61,7 @@ class Tekken:
         if self.version not in VERSIONS:
             raise MistralError(f"{path}: config.version {self.version!r} is not one of {VERSIONS}")
         self.vocab_size = total
+        self.pattern = pattern
         self.special = self.read_special(data.get("special_tokens"))
         self.token_bytes = self.read_vocab(data.get("vocab"), config.get("num_vocab_tokens"))
         ranks = {b: r for r, b in enumerate(self.token_bytes)}

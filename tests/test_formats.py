@@ -42,10 +42,10 @@ def test_round_trips_through_every_layout_are_bit_exact(tmp_path, config, dtype)
     weights = random_weights(args, seed=4, dtype=dtype)
     write_checkpoint(tmp_path / "mistral", "mistral", args, weights)
     src = read_checkpoint(tmp_path / "mistral")
-    for i, fmt in enumerate(["hf", "mlx", "mistral", "hf", "mistral"]):
+    for i, fmt in enumerate(["hf", "mlx", "mlx-examples", "mistral", "hf", "mistral"]):
         write_checkpoint(tmp_path / f"{i}", fmt, src.args, src.tensors)
         src = read_checkpoint(tmp_path / f"{i}")
-        assert src.format == fmt and src.args == args
+        assert src.format == {"mlx": "hf"}.get(fmt, fmt) and src.args == args  # mlx-lm reads HF's
         assert_same_tensors(src.tensors, weights)
 
 
@@ -103,7 +103,7 @@ def test_mlx_example_layout_with_npz_and_config_json(tmp_path):
     np.savez(tmp_path / "weights.npz", **{k: t.data.reshape(t.shape) for k, t in weights.items()})
     (tmp_path / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "float16")))
     ckpt = read_checkpoint(tmp_path)
-    assert ckpt.format == "mlx" and ckpt.args == args
+    assert ckpt.format == "mlx-examples" and ckpt.args == args
     assert_same_tensors(ckpt.tensors, weights)
 
 
@@ -306,13 +306,19 @@ def memmapped(a: np.ndarray) -> bool:
     [("float32", "weights.npz"), ("float16", "weights.npz"), ("bfloat16", "weights.safetensors")],
 )
 def test_mlx_output_files_and_every_reader_maps_the_file(tmp_path, dtype, name):
-    """README: MLX output is weights.npz, or weights.safetensors for bfloat16; every layout is read
-    memory-mapped (nothing the size of the weights is read at load)."""
+    """README: mlx-examples output is weights.npz, or weights.safetensors for bfloat16 (mlx output
+    is Hugging Face's layout); every layout is read memory-mapped (nothing the size of the
+    weights is read at load)."""
     args = tiny("tiny-dense")
-    write_checkpoint(tmp_path / "m", "mlx", args, random_weights(args, dtype=dtype))
+    write_checkpoint(tmp_path / "m", "mlx-examples", args, random_weights(args, dtype=dtype))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["params.json", name]
-    for fmt in ("mlx", "mistral", "hf"):
-        if fmt != "mlx":
+    write_checkpoint(tmp_path / "x", "mlx", args, random_weights(args, dtype=dtype))
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    for fmt in ("mlx-examples", "mistral", "hf"):
+        if fmt != "mlx-examples":
             write_checkpoint(tmp_path / fmt, fmt, args, random_weights(args, dtype=dtype))
-        ckpt = read_checkpoint(tmp_path / ("m" if fmt == "mlx" else fmt))
+        ckpt = read_checkpoint(tmp_path / ("m" if fmt == "mlx-examples" else fmt))
         assert all(memmapped(t.source) for t in ckpt.tensors.values()), fmt

@@ -492,7 +492,11 @@ def test_a_config_that_links_in_a_circle_is_named(tmp_path, name):
 
 @pytest.mark.parametrize(
     "layout, name",
-    [("mistral", "consolidated.safetensors"), ("hf", "model.safetensors"), ("mlx", "weights.npz")],
+    [
+        ("mistral", "consolidated.safetensors"),
+        ("hf", "model.safetensors"),
+        ("mlx-examples", "weights.npz"),
+    ],
 )
 def test_a_weights_file_may_not_link_out_of_the_folder(tmp_path, layout, name):
     """A weights file linked to one elsewhere (a safetensors file in the user's home) is refused,

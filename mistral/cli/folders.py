@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from mistral.args import ModelArgs
 from mistral.chat import template_version
-from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
+from mistral.hf_tokenizer import tokenizer_files
 from mistral.tokenizer import Tokenizer
 from mistral.weights import cast_nbytes, check_tensors
 
@@ -107,9 +108,10 @@ class Convert:
     """Source model folder."""
     dst: str = sp.field(positional=True)
     """Destination folder (must not exist, or be empty)."""
-    to: str = sp.choice("mistral", "hf", "mlx", default="mistral")
+    to: str = sp.choice(*FORMATS, default="mistral")
     """Layout to write: mistral (params.json + consolidated.safetensors), hf (config.json +
-    model.safetensors, wq/wk permuted), mlx (params.json + weights.npz or weights.safetensors)."""
+    model.safetensors, wq/wk permuted, tokenizer.json), mlx (the same layout, which mlx-lm reads
+    and writes), mlx-examples (the older params.json + weights.npz of mlx-examples' scripts)."""
     dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
     """Cast the weights. Default: keep them as they are."""
 
@@ -131,6 +133,9 @@ class Convert:
                 write_checkpoint(partial, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
             for path in tokenizers:
                 shutil.copy(path, partial / path.name)
+            if tokenizers and self.to in ("hf", "mlx"):  # what AutoTokenizer and mlx-lm read
+                for name, body in tokenizer_files(Tokenizer(tokenizers[0])).items():
+                    (partial / name).write_text(json.dumps(body, ensure_ascii=False) + "\n")
             if dst.is_dir():
                 dst.rmdir()  # empty, checked above
             partial.rename(dst)
