@@ -20,6 +20,7 @@ setup(
         "torch": ["torch>=2.5"],
         "mlx": ["mlx>=0.26"],
         "hub": ["huggingface_hub"],  # models by repo id (mistral.load("org/name"))
+        "plot": ["matplotlib"],  # mistral diff --plot, mistral bench --plot
         "test": ["pytest", "ruff", "transformers", "mlx-lm", "mistral-common", "matplotlib"],
     },
     entry_points={"console_scripts": ["mistral = mistral.cli:main"]},

@@ -8,8 +8,9 @@ tolerance of the coarser dtype of the pair (TOLERANCE, calibrated on the embedde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from mistral.checkpoint import Checkpoint
 from mistral.contract import REFERENCES, reference
 from mistral.errors import MistralError
 from mistral.taps import kind, layer
+from mistral.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # matplotlib is imported only to draw
+    from matplotlib.figure import Figure
 
 # Relative error allowed per tap, by the coarser dtype of the two sides.
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -36,9 +41,11 @@ class Side(Protocol):
 
     def greedy(self, prompt: list[int], n: int) -> list[int]: ...
 
+    def step_taps(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]: ...
+
 
 class OurSide:
-    """One of our backends, seen through the same two calls as a reference."""
+    """One of our backends, seen through the same calls as a reference."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -50,6 +57,18 @@ class OurSide:
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         return self.model.generate([prompt], n)[0]
 
+    def step_taps(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]:
+        """The taps (1, ...) of the greedy step that chose the token after prompt + tokens. Our
+        backends trace one uncached forward only, so the taps are those of the prefix's last
+        position there, and the logits are the ones the cached greedy step drew from."""
+        last: dict[str, np.ndarray] = {}
+        steps = self.model.stream([prompt], len(tokens) + 1, observe=lambda x: last.update(x=x))
+        for _ in steps:
+            pass
+        taps = {name: a[-1:] for name, a in self.model.trace(prompt + tokens).items()}
+        taps["logits"] = last["x"][:1].copy()  # (1, V)
+        return taps
+
 
 def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
     """'torch:cpu:float32' -> ('torch:cpu:float32', side); device and dtype may be left out."""
@@ -59,8 +78,8 @@ def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
     backend, device, dtype = [*parts, None, None][:3]
     device, dtype = device or None, dtype or None
     side: Side
-    if backend in REFERENCES:
-        side = reference(backend, ckpt.args, ckpt.tensors, device, dtype)
+    if backend in REFERENCES:  # contract.Reference does not declare step_taps yet
+        side = cast(Side, reference(backend, ckpt.args, ckpt.tensors, device, dtype))
     else:
         side = OurSide(
             from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
@@ -100,6 +119,8 @@ class Report:
     growth: str
     generation: dict[str, Any] | None = None
     missing: list[str] = field(default_factory=list)
+    a_model: str = ""  # the folders of the two sides
+    b_model: str = ""
 
     @property
     def agree(self) -> bool:
@@ -113,8 +134,14 @@ class Report:
         return d
 
     def table(self) -> str:
-        lines = [f"a = {self.a}", f"b = {self.b}", f"{len(self.tokens)} tokens", ""]
-        lines.append(f"{'tap':<28}{'max |a-b|':>12}{'rel err':>12}{'cosine':>12}{'tol':>10}")
+        two = self.a_model != self.b_model
+        lines = [
+            f"a = {self.a}" + (f" ({self.a_model})" if two else ""),
+            f"b = {self.b}" + (f" ({self.b_model})" if two else ""),
+            f"{len(self.tokens)} tokens",
+            "",
+        ]
+        lines.append(f"{'tap':<28}{'max |a-b|':>12}{'rel err':>12}{'cosine':>12}{'rel tol':>10}")
         for t in self.taps:
             mark = "  <-- first divergence" if t.name == self.first_divergence else ""
             flag = " !" if t.exceeds else "  "
@@ -132,13 +159,30 @@ class Report:
         else:
             lines.append(f"verdict: first divergence at {self.first_divergence}; {self.growth}")
         if self.generation:
-            g = self.generation
-            if g["first_difference"] is None:
-                lines.append(f"generation: {g['steps']} greedy tokens, identical on both sides")
-            else:
-                where = f"step {g['first_difference']} ({g['a_token']} vs {g['b_token']})"
-                lines.append(f"generation: tokens differ first at {where}; taps above are there")
+            lines += generation_lines(self.generation)
         return "\n".join(lines)
+
+
+def generation_lines(g: dict[str, Any]) -> list[str]:
+    """The greedy runs of both sides as text (token ids without a tokenizer), and where they
+    split: what both produced, then what each produced from there."""
+    step, text = g["first_difference"], g["text"]
+    if step is None:
+        both = repr(text["both"]) if text else str(g["a"])
+        return [
+            f"generation: {g['steps']} greedy tokens, identical on both sides "
+            "(the taps above are of the last step)",
+            f"  both: {both}",
+        ]
+    if text:
+        shown = [repr(text[k]) for k in ("both", "a", "b")]
+    else:
+        shown = [str(g["a"][:step]), str(g["a"][step:]), str(g["b"][step:])]
+    return [
+        f"generation: the greedy tokens differ first at step {step} ({g['a_token']} vs "
+        f"{g['b_token']}); the taps above are of that step, as each side chose its token:",
+        *(f"  {label:<5} {x}" for label, x in zip(("both:", "a:", "b:"), shown, strict=True)),
+    ]
 
 
 def compare_arrays(name: str, a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str) -> TapDiff:
@@ -220,64 +264,144 @@ def compare(
     )
 
 
+# (the tokens before, the new tokens) -> the text of the new tokens as they read after the others
+Decode = Callable[[list[int], list[int]], str]
+
+
+def continuation(tokenizer: Tokenizer) -> Decode:
+    """The text of new tokens as they read after the tokens before them (ids the tokenizer does
+    not have are shown as ids)."""
+
+    def text(before: list[int], new: list[int]) -> str:
+        if any(not 0 <= t < tokenizer.vocab_size for t in before + new):
+            return f"{new} (ids outside the tokenizer)"
+        decoder = tokenizer.decoder(after=before)
+        return "".join(decoder.push(t) for t in new) + decoder.flush()
+
+    return text
+
+
+def greedy_split(
+    a: Side, b: Side, prompt: list[int], n: int, decode: Decode | None
+) -> dict[str, Any]:
+    """Both sides decode ``n`` tokens greedily: the first step where they differ, and the
+    continuations as text when ``decode`` is given."""
+    ga, gb = a.greedy(prompt, n), b.greedy(prompt, n)
+    step = next((i for i, (x, y) in enumerate(zip(ga, gb, strict=True)) if x != y), None)
+    at = step if step is not None else n - 1
+    text = None
+    if decode is not None:
+        common = ga[:at] if step is not None else ga
+        text = {"both": decode(prompt, common)}
+        if step is not None:
+            text["a"] = decode(prompt + common, ga[at:])
+            text["b"] = decode(prompt + common, gb[at:])
+    tokens = {"a": ga, "b": gb, "a_token": ga[at], "b_token": gb[at]}
+    return {"steps": n, "first_difference": step, **tokens, "text": text}
+
+
 def run_diff(
-    side_a: tuple[str, Side], side_b: tuple[str, Side], tokens: list[int], generate: int = 0
+    side_a: tuple[str, Side],
+    side_b: tuple[str, Side],
+    tokens: list[int],
+    generate: int = 0,
+    decode: Decode | None = None,
 ) -> Report:
-    """The whole report; with ``generate`` both sides decode greedily first and the taps are
-    compared at the first step where their tokens differ (or at the last step)."""
+    """The whole report. With ``generate`` both sides decode greedily first, and the taps
+    compared are those of the step where their tokens first differ (or of the last step), as
+    each side chose its token there: a reference replays its cached greedy run up to that step;
+    our backends, which trace one uncached forward, give that forward's taps of the common
+    prefix and the logits their cached step drew from. (An uncached trace of the prefix alone
+    rounds differently from cached steps: at a near-tie it can pick one token on both sides.)"""
     (name_a, a), (name_b, b) = side_a, side_b
-    generation = None
-    if generate > 0:
-        ga, gb = a.greedy(tokens, generate), b.greedy(tokens, generate)
-        step = next((i for i, (x, y) in enumerate(zip(ga, gb, strict=True)) if x != y), None)
-        at = step if step is not None else generate - 1
-        generation = {
-            "steps": generate,
-            "first_difference": step,
-            "a": ga,
-            "b": gb,
-            "a_token": ga[at],
-            "b_token": gb[at],
-        }
-        tokens = tokens + ga[:at]  # the sequence whose last position chose the differing token
-    ta, tb = a.trace(tokens), b.trace(tokens)
-    if generation:
-        ta = {k: v[-1:] for k, v in ta.items()}
-        tb = {k: v[-1:] for k, v in tb.items()}
-    report = compare(ta, tb, name_a, name_b, a.dtype, b.dtype, tokens)
+    if generate <= 0:
+        return compare(a.trace(tokens), b.trace(tokens), name_a, name_b, a.dtype, b.dtype, tokens)
+    generation = greedy_split(a, b, tokens, generate, decode)
+    at = generation["first_difference"]
+    prefix = generation["a"][: generate - 1 if at is None else at]
+    ta, tb = a.step_taps(tokens, prefix), b.step_taps(tokens, prefix)
+    report = compare(ta, tb, name_a, name_b, a.dtype, b.dtype, tokens + prefix)
     report.generation = generation
     return report
 
 
+def plot_points(report: Report) -> dict[str, list[tuple[int, float]]]:
+    """(x, relative error) per series: each per-layer tap kind at x = its layer, and the
+    embeddings (x = -1), the final norm (n_layers) and the logits (n_layers + 1) as one series.
+    Chosen experts are a fraction of tokens, not an error, and are left out."""
+    n = 1 + max((t.layer for t in report.taps if t.layer is not None), default=-1)
+    around = {"embeddings": -1, "norm": n, "logits": n + 1}
+    series: dict[str, list[tuple[int, float]]] = {}
+    for t in report.taps:
+        if t.kind == "experts":
+            continue
+        if t.layer is not None:
+            series.setdefault(t.kind, []).append((t.layer, t.rel))
+        elif t.name in around:
+            series.setdefault("embeddings, final norm, logits", []).append((around[t.name], t.rel))
+    return series
+
+
+def plot_title(report: Report) -> str:
+    """Both sides, both folders when they differ, the verdict and the generation step."""
+    lines = [f"a = {report.a}  vs  b = {report.b}"]
+    if report.a_model != report.b_model:
+        lines.append(f"a: {report.a_model}   b: {report.b_model}")
+    verdict = "agree" if report.agree else f"first divergence: {report.first_divergence}"
+    g = report.generation
+    if g and g["first_difference"] is not None:
+        verdict += f"; taps of generation step {g['first_difference']}, where the tokens split"
+    elif g:
+        verdict += f"; taps of the last of {g['steps']} greedy steps (the tokens never split)"
+    return "\n".join([*lines, verdict])
+
+
 def plot(report: Report, path: str) -> None:
-    """Relative error per layer, one line per tap kind, log scale, tolerance dashed."""
+    """Draws ``figure(report)`` to a PNG file."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits right of the axes
+    plt.close(fig)
+
+
+def figure(report: Report) -> Figure:
+    """Relative error along the forward, one line per tap kind, log scale, tolerance dashed;
+    an exact zero (which a log scale cannot show) is a triangle on the bottom edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    # Per-layer kinds; chosen experts are a fraction of tokens, not an error, and are left out.
-    kinds = [
-        k
-        for k in dict.fromkeys(t.kind for t in report.taps if t.layer is not None)
-        if k != "experts"
-    ]
-    floor = 1e-12
-    for k in kinds:
-        pts = [(t.layer, max(t.rel, floor)) for t in report.taps if t.kind == k]
-        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in the axes
+    zero_mark = {"ls": "none", "marker": "v", "ms": 6, "clip_on": False, "transform": bottom}
+    zeros_seen = False
+    for label, pts in plot_points(report).items():
+        xs = [x for x, _ in pts]
+        ys = [r if r > 0 else np.nan for _, r in pts]  # masked: a gap in the line
+        model_level = label.startswith("embeddings")
+        style = {"ls": "none", "marker": "s", "color": "black"} if model_level else {"marker": "o"}
+        (line,) = ax.plot(xs, ys, ms=4, label=label, **style)
+        if zeros := [x for x, r in pts if r == 0]:
+            zeros_seen = True
+            ax.plot(zeros, [0.0] * len(zeros), color=line.get_color(), **zero_mark)
+    if zeros_seen:
+        ax.plot([], [], ls="none", marker="v", color="grey", label="exactly 0 (on the bottom edge)")
     tol = max((t.tolerance for t in report.taps if t.kind != "experts"), default=None)
     if tol:
-        ax.axhline(tol, ls="--", color="grey", lw=1, label=f"tolerance {tol:g}")
+        ax.axhline(tol, ls="--", color="grey", lw=1, label=f"tolerance {tol:g} (relative)")
     ax.set_yscale("log")
+    if not any(t.rel > 0 for t in report.taps if t.kind != "experts"):
+        ax.set_ylim((tol or 1.0) * 1e-4, (tol or 1.0) * 10)  # nothing but zeros to show
+    n = 1 + max((t.layer for t in report.taps if t.layer is not None), default=-1)
+    every = max(1, n // 12)
+    ticks = [-1, *range(0, n, every), n, n + 1]
+    ax.set_xticks(ticks, ["emb", *(str(i) for i in range(0, n, every)), "norm", "logits"])
     ax.set_xlabel("layer")
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("max |a - b| / max |a|")
-    verdict = "agree" if report.agree else f"first divergence: {report.first_divergence}"
-    ax.set_title(f"{report.a} vs {report.b} ({verdict})", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(plot_title(report), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -2,13 +2,16 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
 import mistral.weights
-from mistral.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from mistral.diff import load_side, plot, run_diff
+from mistral.checkpoint import DEFAULT_MODEL, Checkpoint, read_checkpoint, write_checkpoint
+from mistral.diff import continuation, load_side, plot, run_diff
 from mistral.taps import tap_names
+from mistral.tokenizer import Tokenizer
 from mistral.weights import random_weights
 from tests.helpers import ROOT, random_rows, tiny
 
@@ -183,3 +186,156 @@ def test_a_small_float32_error_is_flagged_at_its_place():
     )
     assert not report.agree and report.first_divergence == "layers.1.attention_norm"
     assert 2e-5 < report.taps[[t.name for t in report.taps].index(key[:-7])].rel < 1e-4
+
+
+def plant_in_cached_steps(monkeypatch, reference: str) -> None:
+    """A bug in the reference's cached decode steps only: the values of a token fed alone are
+    stored negated. Its prefill and its uncached forwards stay right."""
+    if reference == "mlx-lm":
+        from mlx_lm.models.cache import KVCache as cache_class
+
+        def planted(self, keys, values):
+            return original(self, keys, -values if keys.shape[2] == 1 else values)
+
+    else:
+        from transformers.cache_utils import Cache as cache_class
+
+        def planted(self, keys, values, layer_idx, *args, **kwargs):
+            values = -values if keys.shape[-2] == 1 else values
+            return original(self, keys, values, layer_idx, *args, **kwargs)
+
+    original = cache_class.update if reference == "hf" else cache_class.update_and_fetch
+    name = "update" if reference == "hf" else "update_and_fetch"
+    monkeypatch.setattr(cache_class, name, planted)
+
+
+@pytest.mark.parametrize("ours, reference", [("mlx", "mlx-lm"), ("torch", "hf")])
+def test_at_a_split_the_taps_are_those_the_tokens_were_chosen_from(monkeypatch, ours, reference):
+    """The greedy tokens split where the planted bug first acts (a decode step); the taps shown
+    there are of that cached step, so they name layer 0's attention and the logits disagree
+    (top-1 0%). Traced in one uncached forward of the prefix instead, the reference is right and
+    both sides agree on every tap, top-1 100%, although their tokens differ."""
+    plant_in_cached_steps(monkeypatch, reference)
+    c = read_checkpoint(DEFAULT_MODEL)
+    tok = Tokenizer(c.tokenizer_path)
+    prompt = tok.encode("And God said")
+    a, b = load_side(f"{ours}:cpu:float32", c), load_side(f"{reference}:cpu:float32", c)
+    report = run_diff(a, b, prompt, generate=6, decode=continuation(tok))
+    g = report.generation
+    step = g["first_difference"]
+    assert step is not None and step >= 1 and g["a_token"] != g["b_token"]
+    assert report.logits["top1"] == 0.0, report.table()
+    assert report.first_divergence == "layers.0.attention"
+    assert len(report.tokens) == len(prompt) + step
+    for (_, side), chosen in ((a, g["a"]), (b, g["b"])):  # each side's logits chose its token
+        for i in (0, step):
+            assert side.step_taps(prompt, chosen[:i])["logits"][-1].argmax() == chosen[i]
+    # The continuations as text, split where the tokens split.
+    text = g["text"]
+    assert tok.decode(prompt + g["a"]) == tok.decode(prompt) + text["both"] + text["a"]
+    assert tok.decode(prompt + g["b"]) == tok.decode(prompt) + text["both"] + text["b"]
+    table = report.table()
+    assert f"  a:    {text['a']!r}" in table and f"  b:    {text['b']!r}" in table
+    assert f"differ first at step {step}" in table
+
+
+def test_our_side_at_a_split_shows_the_logits_its_cached_step_drew_from(monkeypatch):
+    """Our backends trace one uncached forward; at a split their logits tap is still the one
+    their cached step chose from. Planted: torch's cache stores a decode step's values negated
+    (its uncached trace stays right), against MLX: the logits at the split disagree."""
+    import backends.torch.cache
+
+    original = backends.torch.cache.LayerCache.update
+
+    def planted(self, k, v, step):
+        return original(self, k, -v if k.shape[2] == 1 else v, step)
+
+    monkeypatch.setattr(backends.torch.cache.LayerCache, "update", planted)
+    args = tiny("tiny-dense")
+    c = ckpt(args, random_weights(args, seed=10))
+    prompt = random_rows([12], args.vocab_size, 8)[0]
+    report = run_diff(load_side("torch", c), load_side("mlx", c), prompt, generate=8)
+    g = report.generation
+    assert g["first_difference"] is not None and g["first_difference"] >= 1
+    assert report.logits["top1"] == 0.0, report.table()
+    assert not report.agree
+
+
+def two_layer_report():
+    """A report over made-up taps of two layers: exact zeros at the embeddings and at layer 0's
+    attention, small errors elsewhere."""
+    import numpy as np
+
+    from mistral.diff import compare
+
+    rng = np.random.default_rng(0)
+    names = ["embeddings"]
+    names += [f"layers.{i}.{k}" for i in range(2) for k in ("attention", "residual")]
+    taps_a = {n: rng.normal(size=(3, 8)) for n in [*names, "norm", "logits"]}
+    taps_b = {
+        n: x if n in ("embeddings", "layers.0.attention") else x + 1e-6 * (1 + len(n))
+        for n, x in taps_a.items()
+    }
+    report = compare(
+        taps_a, taps_b, "torch:cpu:float32", "mlx:cpu:float32", "float32", "float32", [1, 2, 3]
+    )
+    report.a_model, report.b_model = "/folders/a", "/folders/b-hf"
+    return report
+
+
+def test_the_plot_keeps_its_legend_off_the_data_and_marks_exact_zeros(tmp_path):
+    """Zeros are not drawn as a made-up 1e-12 but masked in the lines and marked on the bottom
+    edge; the embeddings, final norm and logits are drawn beside the layers; the legend sits
+    outside the axes; the title names both sides and both folders."""
+    import numpy as np
+
+    from mistral.diff import figure
+
+    report = two_layer_report()
+    fig = figure(report)
+    ax = fig.axes[0]
+    in_data = [line for line in ax.get_lines() if line.get_transform() == ax.transData]
+    ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in in_data])
+    assert np.isfinite(ys).any() and ys[np.isfinite(ys)].min() > 1e-9  # no floor value drawn
+    assert np.isnan(ys).sum() == 2  # the two zeros, masked
+    marks = [line for line in ax.get_lines() if line.get_marker() == "v" and len(line.get_xdata())]
+    assert sorted(x for line in marks for x in line.get_xdata()) == [-1, 0]  # emb, layer 0
+    around = next(line for line in in_data if line.get_label().startswith("embeddings"))
+    assert sorted(around.get_xdata()) == [-1, 2, 3]  # embeddings, final norm, logits
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # right of the axes, over no data
+    title = ax.get_title()
+    for name in (report.a, report.b, report.a_model, report.b_model):
+        assert name in title
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rel tol" in report.table()
+
+
+def run_without_matplotlib(*argv: str) -> subprocess.CompletedProcess:
+    """`mistral ARGV` in a process where importing matplotlib fails."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n"
+        "sys.argv = ['mistral', *sys.argv[1:]]\n"
+        "runpy.run_module('mistral', run_name='__main__')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_plot_without_matplotlib_is_one_line_before_the_run(tmp_path):
+    """Refused before anything is read or run: the model folder named does not even exist."""
+    out = run_without_matplotlib(
+        "diff", "--model", str(tmp_path / "nowhere"), "--plot", str(tmp_path / "p.png")
+    )
+    assert out.returncode != 0 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "--plot needs matplotlib: pip install matplotlib" in lines[0]
+    assert "[plot]" in lines[0]

@@ -8,8 +8,10 @@ Ministral 3 on its ministral3, Mixtral on its mixtral.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,17 +28,27 @@ from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
 
-class RopeRecorder(nn.Module):
-    """Wraps mlx-lm's rope module to keep what it returns (queries, then keys)."""
+class Tapped(nn.Module):
+    """Wraps one of mlx-lm's modules to hand what it is given (its first argument) and what it
+    returns to ``keep``, by tap name (None: not kept)."""
 
-    def __init__(self, rope: nn.Module, seen: list) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        keep: Callable[[str, mx.array], None],
+        given: str | None,
+        returns: str | None,
+    ) -> None:
         super().__init__()
-        self.rope = rope
-        self.seen = seen
+        self.module = module
+        self.keep, self.given, self.returns = keep, given, returns
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        y = self.rope(x, offset=offset)
-        self.seen.append(y)
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        if self.given is not None:
+            self.keep(self.given, x)
+        y = self.module(x, *args, **kwargs)
+        if self.returns is not None:
+            self.keep(self.returns, y)
         return y
 
 
@@ -57,9 +69,6 @@ class MlxLmReference:
         except ImportError:
             raise MistralError("the mlx-lm reference needs mlx-lm: pip install mlx-lm") from None
         self.args = args
-        self.scaled = config["model_type"] == "ministral3"  # its attention takes query scales
-        self.rope_parameters = config.get("rope_parameters", {})
-        self.window = config["sliding_window"]  # of the layers mlx-lm windows (layer_types)
         self.mx_device = resolve_device(device)
         dt = resolve_dtype(dtype, self.mx_device)
         self.device = "gpu" if self.mx_device == mx.gpu else "cpu"
@@ -72,53 +81,45 @@ class MlxLmReference:
         self.model.load_weights(list(self.model.sanitize(weights).items()), strict=True)
         mx.eval(self.model.parameters())
 
-    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
-        from mlx_lm.models.base import create_attention_mask
-
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, mx.array]]:
+        """Records the taps of the forwards of mlx-lm's own model run inside it, cached or not:
+        its modules are wrapped (Tapped) while it lasts. A block's input is the residual stream
+        (the embeddings at layer 0), the final norm's input the last residual."""
         taps: dict[str, mx.array] = {}
+
+        def keep(name: str, x: mx.array) -> None:
+            if name.endswith(".rope"):  # rope is applied to the queries, then to the keys
+                name = name[: -len("rope")] + ("k" if name[: -len("rope")] + "q" in taps else "q")
+            taps[name] = x
+
+        swaps: list[tuple[nn.Module, str, nn.Module]] = []
+
+        def wrap(owner: nn.Module, attr: str, given: str | None, returns: str | None) -> None:
+            swaps.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, Tapped(getattr(owner, attr), keep, given, returns))
+
         inner = self.model.model
-        with mx.stream(self.mx_device):
-            h = inner.embed_tokens(mx.array([tokens]))
-            taps["embeddings"] = h
-            masks = {
-                False: create_attention_mask(h, None),
-                True: create_attention_mask(h, None, window_size=self.window),
-            }
-            scales = []  # ministral3: the queries' scale by position, as its model computes it
-            if self.scaled:
-                r = self.rope_parameters
-                beta, period = r["llama_4_scaling_beta"], r["original_max_position_embeddings"]
-                positions = mx.arange(len(tokens))
-                scale = 1 + beta * mx.log(1 + mx.floor(positions / period))
-                scales = [scale[:, None].astype(h.dtype)]
-            for i, layer in enumerate(inner.layers):
-                p = f"layers.{i}."
-                seen: list[mx.array] = []
-                rope = layer.self_attn.rope
-                layer.self_attn.rope = RopeRecorder(rope, seen)
-                mask = masks[bool(getattr(layer, "use_sliding", False))]
-                try:
-                    x = taps[p + "attention_norm"] = layer.input_layernorm(h)
-                    r = taps[p + "attention"] = layer.self_attn(x, *scales, mask)
-                finally:
-                    layer.self_attn.rope = rope
-                taps[p + "q"], taps[p + "k"] = seen[0], seen[1]
-                h = h + r
-                x = taps[p + "ffn_norm"] = layer.post_attention_layernorm(h)
-                if self.args.moe:
-                    moe = layer.block_sparse_moe
-                    taps[p + "router_logits"] = moe.gate(x)
-                    ff = moe(x)
-                else:
-                    ff = layer.mlp(x)
-                taps[p + "feed_forward"] = ff
-                h = taps[p + "residual"] = h + ff
-            taps["norm"] = inner.norm(h)
-            if self.args.tied_embeddings:
-                taps["logits"] = inner.embed_tokens.as_linear(taps["norm"])
-            else:
-                taps["logits"] = self.model.lm_head(taps["norm"])
-            mx.eval(taps)
+        for i, layer in enumerate(inner.layers):
+            p = f"layers.{i}."
+            wrap(layer.self_attn, "rope", None, p + "rope")
+            wrap(layer, "self_attn", None, p + "attention")
+            before = f"layers.{i - 1}.residual" if i else "embeddings"
+            wrap(layer, "input_layernorm", before, p + "attention_norm")
+            wrap(layer, "post_attention_layernorm", None, p + "ffn_norm")
+            if self.args.moe:
+                wrap(layer.block_sparse_moe, "gate", None, p + "router_logits")
+            wrap(layer, "block_sparse_moe" if self.args.moe else "mlp", None, p + "feed_forward")
+        wrap(inner, "norm", f"layers.{len(inner.layers) - 1}.residual", "norm")
+        try:
+            yield taps
+        finally:
+            for owner, attr, original in reversed(swaps):
+                setattr(owner, attr, original)
+
+    def as_taps(self, taps: dict[str, mx.array], logits: mx.array) -> dict[str, np.ndarray]:
+        """Recorded taps and (1, T, V) logits in mistral.taps' layout, float32 (T, ...)."""
+        mx.eval(taps, logits)
         out = {k: np.array(v.astype(mx.float32))[0] for k, v in taps.items()}
         for i in range(self.args.n_layers):
             for name in ("q", "k"):  # (H, T, D) in half order -> (T, H, D) in pair order
@@ -129,40 +130,73 @@ class MlxLmReference:
                 r = out[f"layers.{i}.router_logits"]
                 k = self.args.moe.num_experts_per_tok
                 out[f"layers.{i}.experts"] = chosen_experts(r, k)
+        out["logits"] = np.array(logits.astype(mx.float32))[0]
         return out
 
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        with mx.stream(self.mx_device), self.recording() as taps:
+            logits = self.model(mx.array([tokens]))
+        return self.as_taps(taps, logits)
+
+    def step(self, tokens: list[int], cache: list[Any]) -> mx.array:
+        """One forward of a greedy run through mlx-lm's own cache: (1, T, V) logits."""
+        with mx.stream(self.mx_device):
+            logits = self.model(mx.array([tokens]), cache=cache)
+            mx.eval(logits)
+        return logits
+
     def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """Greedy tokens, one forward per token through the cache, as ``step_taps`` replays it."""
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
         out: list[int] = []
-        x = mx.array([prompt])
-        with mx.stream(self.mx_device):
-            for _ in range(n):
-                logits = self.model(x, cache=cache)[0, -1]
-                token = int(mx.argmax(logits.astype(mx.float32)).item())
-                out.append(token)
-                x = mx.array([[token]])
+        feed = prompt
+        for _ in range(n):
+            logits = self.step(feed, cache)[0, -1]
+            out.append(int(mx.argmax(logits.astype(mx.float32)).item()))
+            feed = out[-1:]
         return out
 
-    def timed(self, prompts: list[list[int]], gen_len: int) -> Callable[[], Timing]:
-        """A timed greedy run through mlx-lm's own cache (equal-length prompts)."""
+    def step_taps(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]:
+        """The taps (1, ...) of the greedy step that chose the token after prompt + tokens,
+        computed as ``greedy`` computed it: the earlier steps fill the cache first."""
         from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        feed = prompt
+        for t in tokens:
+            self.step(feed, cache)
+            feed = [t]
+        with self.recording() as taps:
+            logits = self.step(feed, cache)
+        return {name: a[-1:] for name, a in self.as_taps(taps, logits).items()}
+
+    def timed(
+        self, prompts: list[list[int]], gen_len: int, on_step: Callable[[], None] | None = None
+    ) -> Callable[[], Timing]:
+        """A timed greedy run through mlx-lm's own cache (equal-length prompts); ``on_step`` is
+        called as each step's tokens are computed, the first token's too."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        tick = on_step or (lambda: None)
 
         def run() -> Timing:
             cache = make_prompt_cache(self.model)
             state = {}
 
-            def prefill() -> None:
-                logits = self.model(mx.array(prompts), cache=cache)
+            def advance(x: mx.array) -> None:
+                logits = self.model(x, cache=cache)
                 state["token"] = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
                 mx.eval(state["token"])
+                tick()
+
+            def prefill() -> None:
+                advance(mx.array(prompts))
 
             def decode() -> None:
                 for _ in range(gen_len - 1):
-                    logits = self.model(state["token"], cache=cache)
-                    state["token"] = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-                    mx.eval(state["token"])
+                    advance(state["token"])
 
             with mx.stream(self.mx_device):
                 return timed_run(self.meter, prefill, decode)

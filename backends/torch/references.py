@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from mistral.checkpoint import write_checkpoint
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
 from mistral.measure import Timing, timed_run
-from mistral.taps import chosen_experts
+from mistral.taps import chosen_experts, kind
 from mistral.weights import RawTensor
 
 
@@ -49,52 +51,61 @@ class HFReference:
             model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
         self.model = model.to(dev).eval()
         self.modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        # transformers 5.24 calls the cache `cache` (`past_key_values` before, deprecated there)
+        names = inspect.signature(self.model.forward).parameters
+        self.cache_key = "cache" if "cache" in names else "past_key_values"
 
-    @torch.inference_mode()
-    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Records the taps of the forwards run inside it (transformers' layout: (1, T, ...),
+        q and k as (1, H, T, D) in half order), through hooks and its rotary function."""
         taps: dict[str, torch.Tensor] = {}
         inner = self.model.model
-        hooks = []
 
-        def record(name):
-            def hook(module, inputs, output):
+        def record(name: str) -> Callable:
+            def hook(module, inputs, output) -> None:
                 taps[name] = output[0] if isinstance(output, tuple) else output
 
             return hook
 
-        hooks.append(inner.embed_tokens.register_forward_hook(record("embeddings")))
+        modules = [("embeddings", inner.embed_tokens), ("norm", inner.norm)]
         for i, layer in enumerate(inner.layers):
             p = f"layers.{i}."
-            hooks.append(layer.input_layernorm.register_forward_hook(record(p + "attention_norm")))
-            hooks.append(layer.self_attn.register_forward_hook(record(p + "attention")))
-            hooks.append(
-                layer.post_attention_layernorm.register_forward_hook(record(p + "ffn_norm"))
-            )
+            modules += [
+                (p + "attention_norm", layer.input_layernorm),
+                (p + "attention", layer.self_attn),
+                (p + "ffn_norm", layer.post_attention_layernorm),
+                (p + "feed_forward", layer.mlp),
+                (p + "residual", layer),
+            ]
             if self.args.moe:
-                hooks.append(layer.mlp.gate.register_forward_hook(record(p + "router_logits")))
-            hooks.append(layer.mlp.register_forward_hook(record(p + "feed_forward")))
-            hooks.append(layer.register_forward_hook(record(p + "residual")))
-        hooks.append(inner.norm.register_forward_hook(record("norm")))
-        rotated: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = self.modeling.apply_rotary_pos_emb
+                modules.append((p + "router_logits", layer.mlp.gate))
+        hooks = [m.register_forward_hook(record(name)) for name, m in modules]
+        original, calls = self.modeling.apply_rotary_pos_emb, iter(range(self.args.n_layers))
 
         def rope(*a, **kw):
             q, k = original(*a, **kw)
-            rotated.append((q, k))
+            i = next(calls)
+            taps[f"layers.{i}.q"], taps[f"layers.{i}.k"] = q, k
             return q, k
 
         self.modeling.apply_rotary_pos_emb = rope
         try:
-            logits = self.model(torch.tensor([tokens], device=self.model.device)).logits
+            yield taps
         finally:
             self.modeling.apply_rotary_pos_emb = original
             for h in hooks:
                 h.remove()
-        out = {name: t.float().cpu().numpy() for name, t in taps.items()}
-        out = {k: v[0] if v.ndim == 3 else v for k, v in out.items()}  # drop the batch axis
-        for i, (q, k) in enumerate(rotated):  # (1, H, T, D) in half order
-            out[f"layers.{i}.q"] = halves_to_pairs(q[0].transpose(0, 1).float().cpu().numpy())
-            out[f"layers.{i}.k"] = halves_to_pairs(k[0].transpose(0, 1).float().cpu().numpy())
+
+    def as_taps(self, taps: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, np.ndarray]:
+        """Recorded taps and (1, T, V) logits in mistral.taps' layout, float32 (T, ...)."""
+        out = {}
+        for name, t in taps.items():
+            a = t.float().cpu().numpy()
+            if kind(name) in ("q", "k"):  # (1, H, T, D) in half order -> (T, H, D) in pairs
+                out[name] = halves_to_pairs(a[0].transpose(1, 0, 2))
+            else:  # the router's logits come as (T, E), the rest as (1, T, ...)
+                out[name] = a[0] if a.ndim == 3 else a
         if self.args.moe:
             k = self.args.moe.num_experts_per_tok
             for i in range(self.args.n_layers):
@@ -104,32 +115,64 @@ class HFReference:
         return out
 
     @torch.inference_mode()
-    def greedy(self, prompt: list[int], n: int) -> list[int]:
-        self.model.generation_config.eos_token_id = None
-        x = torch.tensor([prompt], device=self.model.device)
-        out = self.model.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0)
-        return out[0, len(prompt) :].tolist()
+    def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        with self.recording() as taps:
+            logits = self.model(torch.tensor([tokens], device=self.model.device)).logits
+        return self.as_taps(taps, logits)
 
-    def timed(self, prompts: list[list[int]], gen_len: int) -> Callable[[], Timing]:
-        """A timed greedy run through transformers' own cache (equal-length prompts)."""
-        device = self.model.device
+    @torch.inference_mode()
+    def step(self, tokens: list[int], cache: object | None) -> tuple[torch.Tensor, object]:
+        """One forward of a greedy run through transformers' own cache: (1, T, V) logits and the
+        cache (a new one when ``cache`` is None)."""
+        x = torch.tensor([tokens], device=self.model.device)
+        out = self.model(x, use_cache=True, **{self.cache_key: cache})
+        return out.logits, getattr(out, self.cache_key)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """Greedy tokens, one forward per token through the cache, as ``step_taps`` replays it."""
+        logits, cache = self.step(prompt, None)
+        out = [int(logits[0, -1].argmax())]
+        while len(out) < n:
+            logits, cache = self.step(out[-1:], cache)
+            out.append(int(logits[0, -1].argmax()))
+        return out
+
+    @torch.inference_mode()
+    def step_taps(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]:
+        """The taps (1, ...) of the greedy step that chose the token after prompt + tokens,
+        computed as ``greedy`` computed it: the earlier steps fill the cache first."""
+        feed, cache = prompt, None
+        for t in tokens:
+            _, cache = self.step(feed, cache)
+            feed = [t]
+        with self.recording() as taps:
+            logits, _ = self.step(feed, cache)
+        return {name: a[-1:] for name, a in self.as_taps(taps, logits).items()}
+
+    def timed(
+        self, prompts: list[list[int]], gen_len: int, on_step: Callable[[], None] | None = None
+    ) -> Callable[[], Timing]:
+        """A timed greedy run through transformers' own cache (equal-length prompts);
+        ``on_step`` is called as each step's tokens reach the host, the first token's too."""
+        tick = on_step or (lambda: None)
 
         @torch.inference_mode()
         def run() -> Timing:
             state = {}
 
-            def prefill() -> None:
-                out = self.model(torch.tensor(prompts, device=device), use_cache=True)
-                state["past"] = out.past_key_values
+            def advance(x: torch.Tensor, cache: object | None) -> None:
+                out = self.model(x, use_cache=True, **{self.cache_key: cache})
+                state["cache"] = getattr(out, self.cache_key)
                 state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
-                state["token"].cpu()
+                state["token"].cpu()  # our loop, too, sees every step's logits on the host
+                tick()
+
+            def prefill() -> None:
+                advance(torch.tensor(prompts, device=self.model.device), None)
 
             def decode() -> None:
                 for _ in range(gen_len - 1):
-                    out = self.model(state["token"], past_key_values=state["past"], use_cache=True)
-                    state["past"] = out.past_key_values
-                    state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
-                    state["token"].cpu()  # our loop, too, sees every step's logits on the host
+                    advance(state["token"], state["cache"])
 
             return timed_run(self.meter, prefill, decode)
 

@@ -12,12 +12,23 @@ import simple_parsing as sp
 
 from mistral.args import ModelArgs
 from mistral.bench import BenchSetup, format_report, run_bench
-from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, read_checkpoint
+from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
 from mistral.contract import BACKENDS
-from mistral.diff import load_side, plot, run_diff
+from mistral.diff import continuation, load_side, plot, run_diff
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 from mistral.weights import expected_shapes, random_weights
+
+
+def require_matplotlib(option: str) -> None:
+    """Refuses, before any work, a plot without matplotlib installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MistralError(
+            f"{option} needs matplotlib: pip install matplotlib (or the extra: pip install "
+            "'mistral-reference[plot]')"
+        ) from None
 
 
 def check_destinations(*paths: str | None) -> None:
@@ -61,6 +72,10 @@ class Diff:
 
     def run(self) -> None:
         check_destinations(self.json, self.plot)
+        if self.plot:
+            require_matplotlib("--plot")
+        if self.generate < 0:
+            raise MistralError(f"--generate must be >= 0, got {self.generate}")
         ckpt_a = read_checkpoint(self.model or DEFAULT_MODEL)
         ckpt_b = read_checkpoint(self.b_model) if self.b_model else ckpt_a
         if expected_shapes(ckpt_a.args) != expected_shapes(ckpt_b.args):
@@ -72,20 +87,18 @@ class Diff:
                     f"note: {key} is {params_a.get(key)} in side a's folder, "
                     f"{params_b.get(key)} in side b's"
                 )
-        if self.tokens:
+        tokenizer = None
+        if (tok_path := ckpt_a.tokenizer_path or ckpt_b.tokenizer_path) is not None:
             try:
-                ids = [int(t) for t in self.tokens.replace(" ", "").split(",") if t]
-            except ValueError:
-                raise MistralError(
-                    f"--tokens: not a comma-separated list of ids: {self.tokens!r}"
-                ) from None
-        else:
-            if ckpt_a.tokenizer_path is None:
-                raise MistralError(f"{ckpt_a.path} has no tokenizer: pass --tokens")
-            ids = Tokenizer(ckpt_a.tokenizer_path).encode(self.prompt or "In the beginning")
-        if self.generate < 0:
-            raise MistralError(f"--generate must be >= 0, got {self.generate}")
-        report = run_diff(load_side(self.a, ckpt_a), load_side(self.b, ckpt_b), ids, self.generate)
+                tokenizer = Tokenizer(tok_path)
+            except MistralError:
+                if not self.tokens:  # with --tokens it would only have shown the text
+                    raise
+        ids = self.token_ids(tokenizer, ckpt_a)
+        decode = continuation(tokenizer) if tokenizer is not None else None
+        side_a, side_b = load_side(self.a, ckpt_a), load_side(self.b, ckpt_b)
+        report = run_diff(side_a, side_b, ids, self.generate, decode)
+        report.a_model, report.b_model = str(ckpt_a.path), str(ckpt_b.path)
         print(report.table())
         if self.json:
             Path(self.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -93,6 +106,19 @@ class Diff:
             plot(report, self.plot)
         if not report.agree:
             raise SystemExit(1)
+
+    def token_ids(self, tokenizer: Tokenizer | None, ckpt: Checkpoint) -> list[int]:
+        """--tokens, or --prompt (default "In the beginning") through the tokenizer."""
+        if self.tokens:
+            try:
+                return [int(t) for t in self.tokens.replace(" ", "").split(",") if t]
+            except ValueError:
+                raise MistralError(
+                    f"--tokens: not a comma-separated list of ids: {self.tokens!r}"
+                ) from None
+        if tokenizer is None:
+            raise MistralError(f"{ckpt.path} has no tokenizer: pass --tokens")
+        return tokenizer.encode(self.prompt or "In the beginning")
 
 
 @dataclass
