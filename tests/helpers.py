@@ -43,7 +43,14 @@ def hf_model(args: ModelArgs, seed: int = 0):
     cfg = cfg_cls(**config)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    return seeded(cls(cfg), seed)
+
+
+def seeded(model, seed: int = 0):
+    """A transformers model's weights drawn again, seeded, large enough to matter: norms near 1,
+    the rest of unit variance over fan-in; in eval mode."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -51,7 +58,7 @@ def hf_model(args: ModelArgs, seed: int = 0):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-    return model
+    return model.eval()
 
 
 def hf_logits(model, rows: list[list[int]]) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import mistral
 from mistral import contract, hf
 from mistral.args import Llama4ScalingArgs, ModelArgs, YarnArgs
 from mistral.checkpoint import read_checkpoint, write_checkpoint
-from tests.helpers import hf_greedy, hf_logits, max_diff, random_rows
+from tests.helpers import hf_greedy, hf_logits, max_diff, random_rows, seeded
 
 BASE = dict(
     dim=64,
@@ -49,20 +49,6 @@ CASES = {
     # Nemo / Small 3.x: head_dim 24 != 64 / 4
     "mistral-head-dim": ModelArgs(**{**BASE, "head_dim": 24}, sliding_window=W),
 }
-
-
-def seeded(model, seed: int = 0):
-    """Weights large enough to matter, as tests.helpers.hf_model draws them."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-    return model.eval()
 
 
 def hf_model_of(args: ModelArgs, seed: int = 0):
