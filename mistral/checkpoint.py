@@ -27,6 +27,7 @@ from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
 from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
+from mistral.quant import QuantizedTensor
 from mistral.safetensors_file import read_tensors, write_tensors
 from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
 
@@ -128,7 +129,8 @@ def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
     config = read_json(path / "config.json")
     args = hf.args_from_config(config, str(path / "config.json"))
     raw = read_safetensors_set(path, "model")
-    tensors = hf.tensors_from_hf(args, raw, str(path), hf.is_multimodal(config))
+    quantization = config.get("quantization")  # mlx-lm's (it writes quantization_config too)
+    tensors = hf.tensors_from_hf(args, raw, str(path), hf.is_multimodal(config), quantization)
     if args.tied_embeddings and "output.weight" in tensors:  # as transformers: the stored one
         args = dataclasses.replace(args, tied_embeddings=False)
     return args, tensors
@@ -196,6 +198,8 @@ def write_checkpoint(
     """Writes a folder in ``fmt``, streaming tensor by tensor (cast to ``dtype`` if given)."""
     if fmt not in FORMATS:
         raise MistralError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
+        raise MistralError("the weights are quantized: converting them is not supported yet")
     if dtype is not None and dtype not in DTYPES:
         raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
     path = Path(path)

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from mistral import quant
 from mistral.args import DEFAULT_ROPE_THETA, Llama4ScalingArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral.errors import MistralError
+from mistral.quant import QuantizedTensor
 from mistral.rope import yarn_mscale
 from mistral.weights import RawTensor
 
@@ -358,13 +360,21 @@ def decoder_tensors(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
 
 
 def tensors_from_hf(
-    args: ModelArgs, tensors: Mapping[str, RawTensor], source: str, multimodal: bool = False
-) -> dict[str, RawTensor]:
+    args: ModelArgs,
+    tensors: Mapping[str, RawTensor],
+    source: str,
+    multimodal: bool = False,
+    quantization: dict[str, Any] | None = None,
+) -> dict[str, RawTensor | QuantizedTensor]:
     """Renames HF tensors to checkpoint keys and un-permutes wq/wk (lazily); of a mistral3
-    folder (``multimodal``), the text decoder's."""
-    quantized = [k for k in tensors if k.endswith((".scales", ".biases"))]
-    if quantized:
-        raise MistralError(f"{source}: quantized checkpoints are not supported ({quantized[0]})")
+    folder (``multimodal``), the text decoder's; of an mlx-lm quantized folder (its config's
+    ``quantization``), each packed weight with its scales and biases as one QuantizedTensor."""
+    if quantization is not None:
+        default, layers = quant.config_quantization(quantization, source)
+        tensors = quant.gather(dict(tensors), default, layers, source)
+    elif any(k.endswith((".scales", ".biases")) for k in tensors):
+        first = next(k for k in tensors if k.endswith((".scales", ".biases")))
+        raise MistralError(f"{source}: {first} but the config has no quantization block")
     if multimodal:
         tensors = decoder_tensors(tensors)
     out = {}

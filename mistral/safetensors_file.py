@@ -18,6 +18,7 @@ _CODES = {
     "F32": ("float32", np.float32),
     "F16": ("float16", np.float16),
     "BF16": ("bfloat16", np.uint16),
+    "U32": ("uint32", np.uint32),  # packed quantized codes (mistral/quant.py)
 }
 _NAMES = {name: code for code, (name, _) in _CODES.items()}
 _MAX_HEADER = 100 * 1024 * 1024

@@ -12,8 +12,10 @@ from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.measure import cpu_cores
 
-# The dtypes a checkpoint may hold. numpy has no bfloat16: its bits travel as uint16.
+# The dtypes a checkpoint may hold. numpy has no bfloat16: its bits travel as uint16. uint32 holds
+# quantized codes (mistral/quant.py), never a weight by itself.
 DTYPES = ("float32", "float16", "bfloat16")
+PACKED = "uint32"
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class RawTensor:
     rows: np.ndarray | None = None  # data = source[rows]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES and self.dtype != PACKED:
             raise MistralError(f"unsupported dtype {self.dtype}; use one of {', '.join(DTYPES)}")
 
     @property
@@ -76,12 +78,14 @@ def cast(t: RawTensor, dtype: str | None) -> RawTensor:
     """``t`` in ``dtype``; unchanged, bit for bit, when it already is (or dtype is None)."""
     if dtype is None or dtype == t.dtype:
         return t
+    if t.dtype == PACKED:
+        raise MistralError("quantized codes cannot be cast: dequantize them first")
     return from_numpy(t.to_numpy(), dtype)
 
 
 def cast_nbytes(t: RawTensor, dtype: str | None) -> int:
     """The size ``t`` will have once cast to ``dtype``."""
-    itemsize = 4 if (dtype or t.dtype) == "float32" else 2
+    itemsize = 4 if (dtype or t.dtype) in ("float32", PACKED) else 2
     return int(np.prod(t.shape, dtype=np.int64)) * itemsize
 
 

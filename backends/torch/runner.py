@@ -14,6 +14,7 @@ from backends.torch.model import Linear, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
+from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
@@ -79,6 +80,10 @@ def from_raw(t: RawTensor) -> torch.Tensor:
     if t.dtype == "bfloat16":
         return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(data)
+
+
+def dequantized(t: RawTensor | QuantizedTensor, dtype: str) -> RawTensor:
+    return t.dequantized(dtype) if isinstance(t, QuantizedTensor) else t
 
 
 class Runner:
@@ -150,7 +155,9 @@ def build(
     check_runs(dev, dt)
     with torch.device("meta"):
         model = Transformer(args)
-    state = {k: from_raw(t).to(dev, dt) for k, t in tensors.items()}
+    # Quantized weights (mlx-lm's affine codes) are dequantized in the run's dtype, bit for bit as
+    # mx.dequantize computes them, and multiplied as any other.
+    state = {k: from_raw(dequantized(t, dtype_name(dt))).to(dev, dt) for k, t in tensors.items()}
     if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,72 @@
+"""Layers whose weights stay affine codes (mlx-lm's quantized folders), put in place of a built
+Transformer's Linear and Embedding modules by name, from outside the forward."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mistral.errors import MistralError
+from mistral.quant import Quantization, QuantizedTensor
+from mistral.weights import RawTensor
+
+
+class QuantizedLinear(nn.Module):
+    """x @ W.T with W as codes, scales and biases (mx.quantized_matmul, as mlx-lm multiplies)."""
+
+    def __init__(self, t: QuantizedTensor) -> None:
+        super().__init__()
+        self.q: Quantization = t.q
+        # Placeholders of the stored shapes (MLX is lazy: never computed), set by load_weights.
+        self.weight = mx.zeros(t.packed.shape, dtype=mx.uint32)
+        self.scales = mx.zeros(t.scales.shape)
+        self.biases = mx.zeros(t.biases.shape)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose=True,
+            group_size=self.q.group_size,
+            bits=self.q.bits,
+        )
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """Rows of a quantized table, dequantized as they are looked up."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.dequantize(
+            self.weight[ids],
+            self.scales[ids],
+            self.biases[ids],
+            group_size=self.q.group_size,
+            bits=self.q.bits,
+        )
+
+
+def quantize_modules(
+    model: nn.Module, tensors: Mapping[str, RawTensor | QuantizedTensor], tied: bool
+) -> None:
+    """Each module whose weight is a QuantizedTensor becomes its quantized twin (the embedding
+    table, and the output projection of tied embeddings with it)."""
+    quantized = {k.removesuffix(".weight"): t for k, t in tensors.items() if is_q(t)}
+    if tied and "tok_embeddings" in quantized:
+        quantized["output"] = quantized["tok_embeddings"]
+    if any(".experts." in path for path in quantized):
+        raise MistralError("quantized MoE experts are not supported on MLX yet (torch: yes)")
+    for path, t in quantized.items():
+        *parents, name = path.split(".")
+        owner = model
+        for p in parents:
+            owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
+        cls = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
+        setattr(owner, name, cls(t))
+
+
+def is_q(t: RawTensor | QuantizedTensor) -> bool:
+    return isinstance(t, QuantizedTensor)

@@ -1,0 +1,179 @@
+"""mlx-lm's affine-quantized folders on both backends: the codes unpacked bit for bit as
+mx.dequantize does, and logits within 1e-4 of mlx-lm's on the same folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.hf_tokenizer import tokenizer_files
+from mistral.quant import Quantization, QuantizedTensor, dequantize
+from mistral.tokenizer import Tokenizer
+from mistral.weights import RawTensor, from_numpy, random_weights
+from tests.helpers import ROOT, max_diff, mlx_lm_logits, random_rows, tiny
+
+TOKENIZER = ROOT / "mistral" / "default_model" / "tokenizer.model"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_unpacking_equals_mx_dequantize_bit_for_bit(bits, dtype):
+    import mlx.core as mx
+
+    rng = np.random.default_rng(bits)
+    for group in (32, 64, 128):
+        w = mx.array(rng.standard_normal((24, 256), dtype=np.float32)).astype(getattr(mx, dtype))
+        packed, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        expected = mx.dequantize(packed, scales, biases, group_size=group, bits=bits)
+        expected = np.array(expected.astype(mx.float32))
+        as_raw = [from_numpy(np.array(a.astype(mx.float32)), dtype) for a in (scales, biases)]
+        codes = RawTensor("uint32", np.array(packed))
+        t = QuantizedTensor(codes, *as_raw, Quantization(bits, group))
+        assert t.shape == (24, 256)
+        ours = dequantize(t, dtype)
+        assert np.array_equal(ours, expected), (bits, group, dtype)
+
+
+def hf_folder(path, args, seed: int = 3):
+    """A Hugging Face folder with our tokenizer files, which mlx-lm's convert needs."""
+    write_checkpoint(path, "hf", args, random_weights(args, seed=seed))
+    for name, body in tokenizer_files(Tokenizer(TOKENIZER)).items():
+        (path / name).write_text(json.dumps(body))
+    return path
+
+
+def mlx_lm_quantized(tmp_path, args, bits: int, group: int, predicate=None):
+    """mlx-lm's own quantized folder (its convert), and its model loaded back."""
+    from mlx_lm import load
+    from mlx_lm.convert import convert
+
+    src = hf_folder(tmp_path / "hf", args)
+    out = tmp_path / f"q{bits}"
+    convert(
+        str(src), str(out), quantize=True, q_bits=bits, q_group_size=group,
+        dtype="float32", quant_predicate=predicate,
+    )  # fmt: skip
+    return out, load(str(out))[0]
+
+
+BASE = dataclasses.replace(tiny("tiny-dense"), vocab_size=2048)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (8, 64), (2, 32)])
+def test_both_backends_match_mlx_lm_on_its_quantized_folder(tmp_path, bits, group):
+    folder, theirs = mlx_lm_quantized(tmp_path, BASE, bits, group)
+    ckpt = read_checkpoint(folder)
+    assert isinstance(ckpt.tensors["layers.0.attention.wq.weight"], QuantizedTensor)
+    assert isinstance(ckpt.tensors["tok_embeddings.weight"], QuantizedTensor)
+    rows = random_rows([30, 9], BASE.vocab_size, 1)
+    expected = mlx_lm_logits(theirs, rows)
+    out = {}
+    for backend in ("torch", "mlx"):
+        model = mistral.load(folder, backend=backend, device="cpu", dtype="float32")
+        out[backend] = model.logits(rows)
+        assert max_diff(out[backend], expected) <= 1e-4, backend
+        assert max_diff(model.logits(rows, chunk_size=7), expected) <= 1e-4, backend
+    assert max_diff(out["torch"], out["mlx"]) <= 1e-4
+
+
+def test_per_layer_overrides_and_a_layer_left_in_full_precision(tmp_path):
+    def predicate(path, module, config=None):
+        if path.endswith("layers.0.mlp.down_proj"):
+            return False  # full precision
+        if "self_attn.v_proj" in path:
+            return {"bits": 8, "group_size": 64}
+        return True
+
+    folder, theirs = mlx_lm_quantized(tmp_path, BASE, 4, 32, predicate)
+    block = json.loads((folder / "config.json").read_text())["quantization"]
+    assert block["model.layers.1.self_attn.v_proj"] == {"bits": 8, "group_size": 64}
+    ckpt = read_checkpoint(folder)
+    assert not isinstance(ckpt.tensors["layers.0.feed_forward.w2.weight"], QuantizedTensor)
+    assert ckpt.tensors["layers.1.attention.wv.weight"].q == Quantization(8, 64)
+    rows = random_rows([20], BASE.vocab_size, 2)
+    for backend in ("torch", "mlx"):
+        model = mistral.load(folder, backend=backend, device="cpu", dtype="float32")
+        assert max_diff(model.logits(rows), mlx_lm_logits(theirs, rows)) <= 1e-4, backend
+
+
+def test_a_tied_quantized_table_serves_embedding_and_output(tmp_path):
+    from mistral.args import Llama4ScalingArgs, YarnArgs
+
+    args = dataclasses.replace(
+        BASE,
+        tied_embeddings=True,
+        yarn=YarnArgs(factor=4.0, original_max_position_embeddings=8, apply_scale=False),
+        llama_4_scaling=Llama4ScalingArgs(original_max_position_embeddings=8, beta=0.2),
+    )
+    folder, theirs = mlx_lm_quantized(tmp_path, args, 4, 64)
+    rows = random_rows([25], args.vocab_size, 3)
+    for backend in ("torch", "mlx"):
+        model = mistral.load(folder, backend=backend, device="cpu", dtype="float32")
+        assert model.args.tied_embeddings
+        assert max_diff(model.logits(rows), mlx_lm_logits(theirs, rows)) <= 1e-4, backend
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    return mlx_lm_quantized(tmp_path_factory.mktemp("q"), BASE, 4, 32)[0]
+
+
+def rewrite(folder, dst, edit_config=None, edit_tensors=None):
+    """A copy of a quantized folder with its config or tensors changed."""
+    from mistral.safetensors_file import read_tensors, write_tensors
+
+    dst.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = dict(read_tensors(folder / "model.safetensors"))
+    if edit_tensors:
+        edit_tensors(tensors)
+    write_tensors(dst / "model.safetensors", list(tensors.items()))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit_config, edit_tensors, message",
+    [
+        (lambda c: c["quantization"].update(bits=7), None, "7 bits"),
+        (lambda c: c["quantization"].update(mode="mxfp8"), None, "not supported yet"),
+        (lambda c: c.pop("quantization"), None, "no quantization block"),
+        (
+            None,
+            lambda t: t.pop("model.layers.0.self_attn.q_proj.scales"),
+            "belongs to no quantized",
+        ),
+        (
+            None,
+            lambda t: t.update(
+                {
+                    f"model.layers.0.self_attn.q_proj.{part}": t[
+                        f"model.layers.0.mlp.down_proj.{part}"
+                    ]
+                    for part in ("scales", "biases")
+                }
+            ),
+            "do not fit",
+        ),
+        (lambda c: c.update(quantization=[4]), None, "must be an object"),
+    ],
+)
+def test_hostile_quantized_folders_are_one_line(
+    tmp_path, quantized, edit_config, edit_tensors, message
+):
+    with pytest.raises(mistral.MistralError, match=message) as e:
+        read_checkpoint(rewrite(quantized, tmp_path / "bad", edit_config, edit_tensors))
+    assert "\n" not in str(e.value)
+
+
+def test_converting_a_quantized_folder_is_refused_in_one_line(tmp_path, quantized):
+    ckpt = read_checkpoint(quantized)
+    with pytest.raises(mistral.MistralError, match="quantized: converting them is not supported"):
+        write_checkpoint(tmp_path / "x", "mistral", ckpt.args, ckpt.tensors)
