@@ -17,17 +17,28 @@ multiplied the way the projections multiply there.
 
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
+import os
+import platform
+import shutil
 import statistics
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from mistral.api import Model, from_tensors
 from mistral.args import ModelArgs
 from mistral.contract import REFERENCES, backend, reference
-from mistral.measure import Meter, Timing, held_now, timed_run
+from mistral.measure import Meter, Timing, cpu_cores, held_now, timed_run
 from mistral.weights import RawTensor
+
+SPREAD = 2.0  # repeats of a figure spread wider than this (max / min) make its ratio unreliable
+PACKAGES = ("numpy", "torch", "mlx", "transformers", "mlx-lm")  # versions in the report
 
 
 @dataclass
@@ -39,6 +50,7 @@ class Result:
     ttft_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
+    decode_steps: list[list[float]] = field(default_factory=list)  # seconds per step, per run
 
     def median(self, key: str) -> float:
         return float(statistics.median(getattr(self, key)))
@@ -51,9 +63,26 @@ class Result:
                 "median": self.median(key),
                 "min": min(values),
                 "max": max(values),
+                "spread": max(values) / min(values) if min(values) > 0 else float("inf"),
                 "runs": values,
             }
         return out
+
+
+class StepClock:
+    """The times at which a run's tokens reach the host: the first token's, then each decode
+    step's; ``take`` gives the decode steps' durations and starts over."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def tick(self) -> None:
+        self.ticks.append(time.perf_counter())
+
+    def take(self) -> list[float]:
+        steps = np.diff(self.ticks).tolist()
+        self.ticks = []
+        return steps
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -119,14 +148,20 @@ def measure_rounds(
     repeats: int,
     bandwidth: Callable[[], float],
     progress: Callable[[str], None] | None = None,
+    clocks: list[StepClock] | None = None,
 ) -> tuple[list[Result], list[float]]:
     """Runs the (warm) implementations in turn, one round per repeat, with a copy bandwidth
-    measured each round: a machine that slows down mid-bench slows all of them alike."""
+    measured each round: a machine that slows down mid-bench slows all of them alike. Each
+    run's clock (when given) holds its decode steps' durations afterwards."""
     results = [Result(name, device, dtype) for name, device, dtype, _ in runs]
     bandwidths = []
     for i in range(repeats):
-        for result, (_, _, _, run) in zip(results, runs, strict=True):
+        for j, (result, (_, _, _, run)) in enumerate(zip(results, runs, strict=True)):
+            if clocks:
+                clocks[j].take()  # from a clean start
             t = run()
+            if clocks:
+                result.decode_steps.append(clocks[j].take())
             result.ttft_s.append(t.prefill_s)
             result.prefill_tok_s.append(batch * prompt_len / t.prefill_s)
             result.decode_tok_s.append(batch * (gen_len - 1) / max(t.decode_s, 1e-12))
@@ -137,13 +172,24 @@ def measure_rounds(
 
 
 def our_run(
-    model: Model, meter: Meter, prompts: list[list[int]], gen_len: int, chunk_size: int | None
+    model: Model,
+    meter: Meter,
+    prompts: list[list[int]],
+    gen_len: int,
+    chunk_size: int | None,
+    on_step: Callable[[], None] = lambda: None,
 ) -> Callable[[], Timing]:
-    """One timed run of the generation loop users call (greedy)."""
+    """One timed run of the generation loop users call (greedy); ``on_step`` is called as each
+    step's tokens reach the host, the first token's too."""
 
     def run() -> Timing:
         steps = model.stream(prompts, gen_len, chunk_size=chunk_size)
-        return timed_run(meter, lambda: next(steps), lambda: list(steps))
+
+        def decode() -> None:
+            for _ in steps:
+                on_step()
+
+        return timed_run(meter, lambda: (next(steps), on_step()), decode)
 
     return run
 
@@ -174,22 +220,128 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     meter = backend(s.backend).meter(s.args, s.device, s.dtype)
     before = held_now(meter)
     model = from_tensors(s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
-    name = f"ours ({s.backend})"
-    runs = [
-        (name, model.device, model.dtype, our_run(model, meter, prompts, s.gen_len, s.chunk_size))
-    ]
-    memory = [warm_up(name, runs[0][3], s.warmup, before, progress)]
+    name, clocks = f"ours ({s.backend})", [StepClock()]
+    ours = our_run(model, meter, prompts, s.gen_len, s.chunk_size, clocks[0].tick)
+    runs = [(name, model.device, model.dtype, ours)]
+    memory = [warm_up(name, ours, s.warmup, before, progress)]
     for ref in s.compare:
         before = held_now(backend(REFERENCES[ref]).meter(s.args, s.device, model.dtype))
         side = reference(ref, s.args, s.tensors, s.device, model.dtype)
-        runs.append((ref, side.device, side.dtype, side.timed(prompts, s.gen_len)))
-        memory.append(warm_up(ref, runs[-1][3], s.warmup, before, progress))
+        clocks.append(StepClock())  # contract.Reference.timed does not declare on_step yet
+        run = side.timed(prompts, s.gen_len, on_step=clocks[-1].tick)  # type: ignore[call-arg]
+        runs.append((ref, side.device, side.dtype, run))
+        memory.append(warm_up(ref, run, s.warmup, before, progress))
     results, bandwidths = measure_rounds(
-        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, meter.copy_bandwidth, progress
+        runs, s.batch, s.prompt_len, s.gen_len, s.repeats, meter.copy_bandwidth, progress, clocks
     )
     for result, added in zip(results, memory, strict=True):
         result.peak_bytes = added
     return report(s, meter, results, float(statistics.median(bandwidths)))
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages a bench may use, read without importing them."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def command_output(*argv: str) -> str:
+    """What a system tool prints, stripped; "" when it is missing or fails."""
+    if shutil.which(argv[0]) is None:
+        return ""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def cpu_model() -> str:
+    """The CPU's name: Linux's /proc/cpuinfo, macOS's sysctl, else what platform knows."""
+    path = Path("/proc/cpuinfo")
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    return command_output("sysctl", "-n", "machdep.cpu.brand_string") or platform.processor()
+
+
+def machine() -> dict:
+    """The machine a bench ran on: platform, CPU, cores, memory, GPUs (NVIDIA's through
+    nvidia-smi; on Apple silicon the GPU is the chip's)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    cpu = cpu_model()
+    gpus = [
+        g
+        for g in command_output(
+            "nvidia-smi", "--query-gpu=name", "--format=csv,noheader"
+        ).splitlines()
+        if g.strip()
+    ]
+    if not gpus and platform.system() == "Darwin" and platform.machine() == "arm64":
+        gpus = [f"{cpu} (the chip's GPU)"]
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": cpu_cores(),
+        "memory_bytes": memory,
+        "gpus": gpus,
+    }
+
+
+def spread_warnings(results: list[Result]) -> tuple[list[str], dict[str, list[str]]]:
+    """Warnings for figures whose repeats spread more than SPREAD (max / min), and for each
+    reference the ratios (decode, prefill) they make unreliable."""
+    warnings, unreliable = [], {r.name: [] for r in results[1:]}
+    for r in results:
+        for key, kind, label in (
+            ("prefill_tok_s", "prefill", "prefill tok/s (and TTFT)"),
+            ("decode_tok_s", "decode", "decode tok/s"),
+        ):
+            runs = getattr(r, key)
+            spread = max(runs) / min(runs) if min(runs) > 0 else float("inf")
+            if spread <= SPREAD:
+                continue
+            hit = list(unreliable) if r is results[0] else [r.name]
+            for name in hit:
+                unreliable[name].append(kind)
+            ratios = ", ".join(f"ours / {name} {kind}" for name in hit)
+            warnings.append(
+                f"{r.name} {label}: its {len(runs)} runs spread x{spread:.1f} (max/min > "
+                f"{SPREAD:g})" + (f", so {ratios} is unreliable" if ratios else "")
+            )
+    return warnings, {name: sorted(set(kinds)) for name, kinds in unreliable.items()}
+
+
+def decode_by_context(s: BenchSetup, results: list[Result], bins: int = 16) -> dict:
+    """Decode tokens/s against the context length, from the measured runs themselves: decode
+    step j of a run (j = 1 .. gen_len - 1) attends over prompt_len + j tokens; the steps are
+    binned by that context (up to ``bins`` bins of at least 4 steps), and each bin's speed is
+    the median over the runs of its steps' tokens over their time."""
+    n = s.gen_len - 1
+    edges = np.linspace(0, n, max(1, min(bins, n // 4)) + 1).round().astype(int)
+    spans = [(int(lo), int(hi)) for lo, hi in itertools.pairwise(edges)]
+    tok_s = {}
+    for r in results:
+        runs = [np.asarray(steps) for steps in r.decode_steps if len(steps) == n]
+        per_run = [[s.batch * (hi - lo) / t[lo:hi].sum() for lo, hi in spans] for t in runs]
+        tok_s[r.name] = np.median(per_run, axis=0).tolist() if per_run else []
+    return {
+        "context": [s.prompt_len + (lo + 1 + hi) / 2 for lo, hi in spans],
+        "steps": [[s.prompt_len + lo + 1, s.prompt_len + hi] for lo, hi in spans],
+        "tok_s": tok_s,
+    }
 
 
 def report(s: BenchSetup, meter: Meter, results: list[Result], bandwidth: float) -> dict:
@@ -201,6 +353,7 @@ def report(s: BenchSetup, meter: Meter, results: list[Result], bandwidth: float)
     ours = results[0]
     flops = prefill_flops(s.args, s.prompt_len, s.batch)
     matmul = meter.matmul_throughput()
+    warnings, unreliable = spread_warnings(results)
     return {
         "setup": {
             "source": s.source,
@@ -227,50 +380,12 @@ def report(s: BenchSetup, meter: Meter, results: list[Result], bandwidth: float)
             r.name: {
                 "decode": ours.median("decode_tok_s") / r.median("decode_tok_s"),
                 "prefill": ours.median("prefill_tok_s") / r.median("prefill_tok_s"),
+                "unreliable": unreliable[r.name],  # the ratios whose runs spread > SPREAD
             }
             for r in results[1:]
         },
+        "warnings": warnings,
+        "decode_by_context": decode_by_context(s, results),
+        "versions": versions(),
+        "machine": machine(),
     }
-
-
-def format_report(report: dict) -> str:
-    s = report["setup"]
-    lines = [
-        f"{s['source']}: batch {s['batch']}, prompt {s['prompt_len']}, generate "
-        f"{s['gen_len']}, {s['device']} {s['dtype']} ({s['products']}), median of "
-        f"{s['repeats']} (min-max)",
-        "",
-    ]
-    head = f"{'':<16}{'prefill tok/s':>24}{'TTFT ms':>24}{'decode tok/s':>22}{'peak MiB':>10}"
-    lines.append(head)
-
-    def cell(r: dict, key: str, scale: float = 1.0, fmt: str = ".1f") -> str:
-        m, lo, hi = (r[key][k] * scale for k in ("median", "min", "max"))
-        return f"{m:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
-
-    for r in report["results"]:
-        prefill, ttft = cell(r, "prefill_tok_s"), cell(r, "ttft_s", 1e3)
-        decode, peak = cell(r, "decode_tok_s"), r["peak_bytes"]["median"] / 2**20
-        lines.append(f"{r['name']:<16}{prefill:>24}{ttft:>24}{decode:>22}{peak:>10.0f}")
-    lines.append("")
-    for name, ratio in report["ratios"].items():
-        lines.append(
-            f"ours / {name}: decode x{ratio['decode']:.2f}, prefill x{ratio['prefill']:.2f}"
-        )
-    lines.append(
-        "peak MiB: what each adds to the process at its peak (weights, cache, activations)"
-    )
-    bw = report["bandwidth_bytes_s"] / 1e9
-    step = report["decode_bytes_per_step"] / 2**20
-    lines.append(
-        f"decode bound: {step:.0f} MiB read per step at {bw:.1f} GB/s (copy) = "
-        f"{report['decode_bound_tok_s']:.1f} tok/s; ours reaches "
-        f"{report['decode_fraction_of_bound']:.0%}"
-    )
-    flop_s = report["prefill_fraction_of_matmul"] * report["matmul_flop_s"]
-    lines.append(
-        f"prefill: {report['prefill_flops'] / 1e9:.1f} GFLOP at {flop_s / 1e12:.3f} TFLOP/s = "
-        f"{report['prefill_fraction_of_matmul']:.0%} of a large square product here "
-        f"({report['matmul_flop_s'] / 1e12:.3f} TFLOP/s, as the projections multiply)"
-    )
-    return "\n".join(lines)

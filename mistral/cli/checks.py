@@ -11,10 +11,13 @@ from pathlib import Path
 import simple_parsing as sp
 
 from mistral.args import ModelArgs
-from mistral.bench import BenchSetup, format_report, run_bench
+from mistral.bench import BenchSetup, run_bench
+from mistral.bench_report import format_report
+from mistral.bench_report import plot as plot_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
 from mistral.contract import BACKENDS
-from mistral.diff import continuation, load_side, plot, run_diff
+from mistral.diff import continuation, load_side, run_diff
+from mistral.diff import plot as plot_diff
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 from mistral.weights import expected_shapes, random_weights
@@ -103,7 +106,7 @@ class Diff:
         if self.json:
             Path(self.json).write_text(json.dumps(report.to_json(), indent=2))
         if self.plot:
-            plot(report, self.plot)
+            plot_diff(report, self.plot)
         if not report.agree:
             raise SystemExit(1)
 
@@ -163,10 +166,15 @@ class Bench:
     compile: bool = False
     """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
     json: str | None = None
-    """Also write the report as JSON to this file."""
+    """Also write the report as JSON to this file (with the package versions and the machine)."""
+    plot: str | None = None
+    """Draw decode tokens/s against the context length, one line per implementation, to this PNG
+    file (the decode steps of the measured runs, binned by the tokens each attends over)."""
 
     def run(self) -> None:
-        check_destinations(self.json)
+        check_destinations(self.json, self.plot)
+        if self.plot:
+            require_matplotlib("--plot")
         if self.config:
             path = Path(self.config)
             if not path.exists():
@@ -218,3 +226,5 @@ class Bench:
         print(format_report(report))
         if self.json:
             Path(self.json).write_text(json.dumps(report, indent=2))
+        if self.plot:
+            plot_bench(report, self.plot)
