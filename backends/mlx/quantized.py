@@ -3,7 +3,7 @@ Transformer's Linear and Embedding modules by name, from outside the forward."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,6 +66,21 @@ def quantize_modules(
             owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
         cls = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
         setattr(owner, name, cls(t))
+
+
+def arrays(
+    name: str, t: RawTensor | QuantizedTensor, dtype: mx.Dtype, from_raw: Callable
+) -> dict[str, mx.array]:
+    """The module's arrays of one tensor: a weight in the run's dtype, or codes as they are
+    with their scales and biases in the run's dtype."""
+    if not isinstance(t, QuantizedTensor):
+        return {name: from_raw(t).astype(dtype)}
+    module = name.removesuffix(".weight")
+    return {
+        name: from_raw(t.packed),
+        f"{module}.scales": from_raw(t.scales).astype(dtype),
+        f"{module}.biases": from_raw(t.biases).astype(dtype),
+    }
 
 
 def is_q(t: RawTensor | QuantizedTensor) -> bool:

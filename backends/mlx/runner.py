@@ -12,11 +12,10 @@ import numpy as np
 from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, Transformer
-from backends.mlx.quantized import quantize_modules
+from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
@@ -147,21 +146,13 @@ def build(
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
     model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
-    quantize_modules(model, tensors, args.tied_embeddings)  # codes stay codes
-    weights = {}
-    for k, t in tensors.items():
-        if isinstance(t, QuantizedTensor):  # the codes as they are, scales in the run's dtype
-            module = k.removesuffix(".weight")
-            weights[k] = from_raw(t.packed)
-            weights[module + ".scales"] = from_raw(t.scales).astype(dt)
-            weights[module + ".biases"] = from_raw(t.biases).astype(dt)
-        else:
-            weights[k] = from_raw(t).astype(dt)
+    quantize_modules(model, tensors, args.tied_embeddings)  # quantized weights stay codes
+    state = {}
+    for k, t in tensors.items():  # quantized weights: their codes, scales and biases
+        state |= arrays(k, t, dt, from_raw)
     if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
-        for part in ("weight", "scales", "biases"):
-            if f"tok_embeddings.{part}" in weights:
-                weights[f"output.{part}"] = weights[f"tok_embeddings.{part}"]
-    model.load_weights(list(weights.items()), strict=True)
+        state |= {k.replace("tok_embeddings", "output"): v for k, v in state.items() if "tok_" in k}
+    model.load_weights(list(state.items()), strict=True)
     mx.eval(model.parameters())
     if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
         stack_experts(model)

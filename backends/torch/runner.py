@@ -155,9 +155,9 @@ def build(
     check_runs(dev, dt)
     with torch.device("meta"):
         model = Transformer(args)
-    # Quantized weights (mlx-lm's affine codes) are dequantized in the run's dtype, bit for bit as
-    # mx.dequantize computes them, and multiplied as any other.
-    state = {k: from_raw(dequantized(t, dtype_name(dt))).to(dev, dt) for k, t in tensors.items()}
+    state = {}
+    for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
+        state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, dt)
     if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
