@@ -12,7 +12,9 @@ the experts not chosen, plus the KV cache in use) over the device's copy bandwid
 on the device, on CPUs a numpy copy split over every core (the median of one per round). Prefill
 is set against compute: its floating-point operations (prefill_flops) over the time to the first
 token, as a fraction of what a large square product reaches on the device in the run's dtype,
-multiplied the way the projections multiply there.
+multiplied the way the projections multiply there. A figure whose runs spread more than SPREAD
+(max / min) makes the ratios it enters unreliable, and says so. Each decode step is timed too,
+for decode speed against the context length (decode_by_context).
 """
 
 from __future__ import annotations
@@ -326,9 +328,10 @@ def spread_warnings(results: list[Result]) -> tuple[list[str], dict[str, list[st
 
 def decode_by_context(s: BenchSetup, results: list[Result], bins: int = 16) -> dict:
     """Decode tokens/s against the context length, from the measured runs themselves: decode
-    step j of a run (j = 1 .. gen_len - 1) attends over prompt_len + j tokens; the steps are
-    binned by that context (up to ``bins`` bins of at least 4 steps), and each bin's speed is
-    the median over the runs of its steps' tokens over their time."""
+    step j of a run (j = 1 .. gen_len - 1) has prompt_len + j tokens in its context (it sees
+    at most the sliding window of them, where there is one); the steps are binned by that
+    length (up to ``bins`` bins of at least 4 steps), and each bin's speed is the median over
+    the runs of its steps' tokens over their time."""
     n = s.gen_len - 1
     edges = np.linspace(0, n, max(1, min(bins, n // 4)) + 1).round().astype(int)
     spans = [(int(lo), int(hi)) for lo, hi in itertools.pairwise(edges)]

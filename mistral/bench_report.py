@@ -109,7 +109,7 @@ def figure(report: dict) -> Figure:
     for w in sorted({w for w in np.ravel([window]).tolist() if w and lo <= w <= hi}):
         ax.axvline(w, ls="--", color="grey", lw=1, label=f"sliding window {w}")
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("context: tokens the decode step attends over")
+    ax.set_xlabel("context length: prompt and generated tokens at the decode step")
     ax.set_ylabel(f"decode tokens/s ({s['batch']} row{'s' if s['batch'] > 1 else ''})")
     ax.set_title(
         f"{s['source']}: {s['device']} {s['dtype']}, prompt {s['prompt_len']}, "

@@ -276,8 +276,8 @@ def test_the_json_names_the_package_versions_and_the_machine(tmp_path, monkeypat
 
 
 def test_decode_speed_is_binned_by_context():
-    """Step j of a run attends over prompt_len + j tokens; a bin's speed is its steps over their
-    time, the median over the runs."""
+    """Step j of a run has prompt_len + j tokens in its context; a bin's speed is its steps
+    over their time, the median over the runs."""
     from mistral.bench import Result, decode_by_context
 
     args = tiny("tiny-dense")

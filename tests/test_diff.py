@@ -55,6 +55,8 @@ def test_mlx_lm_past_the_window_is_located_at_the_first_attention():
     assert step is not None and step >= 2  # identical until the window is exceeded
     assert report.first_divergence == "layers.0.attention"
     assert "jumps at layer 0" in report.growth
+    g = report.generation  # no tokenizer: the continuations as token ids
+    assert g["text"] is None and f"  b:    {g['b'][step:]}" in report.table()
 
 
 def test_skipped_wk_permutation_in_one_layer_is_named(tmp_path):

@@ -66,12 +66,13 @@ class Diff:
     tokens: str | None = None
     """Comma-separated token ids to run instead of --prompt."""
     generate: int = 0
-    """Decode this many tokens greedily on both sides; report the first step where they differ and
-    the taps at that step."""
+    """Decode this many tokens greedily on both sides; show both continuations as text and the taps
+    of the first step where the tokens differ, as each side chose its token there."""
     json: str | None = None
     """Write the whole report as JSON to this file."""
     plot: str | None = None
-    """Draw the error per layer for each tap kind to this PNG file."""
+    """Draw the relative error of every tap along the forward (embeddings, each layer, final norm,
+    logits) to this PNG file (needs matplotlib)."""
 
     def run(self) -> None:
         check_destinations(self.json, self.plot)
@@ -129,8 +130,9 @@ class Bench:
     """Measure prefill and decode speed and peak memory, optionally against transformers and
     mlx-lm on the same weights in the same run.
 
-    Prints median and spread over --repeats runs after --warmup runs, the ratio ours/theirs, and the
-    memory-bandwidth bound of decode (bytes read per step over the measured copy bandwidth).
+    Prints median and spread over --repeats runs after --warmup runs, the ratio ours/theirs (said to
+    be unreliable when a figure's runs spread more than 2x), and the memory-bandwidth bound of
+    decode (bytes read per step over the measured copy bandwidth).
     """
 
     model: str | None = None
@@ -169,7 +171,8 @@ class Bench:
     """Also write the report as JSON to this file (with the package versions and the machine)."""
     plot: str | None = None
     """Draw decode tokens/s against the context length, one line per implementation, to this PNG
-    file (the decode steps of the measured runs, binned by the tokens each attends over)."""
+    file (the decode steps of the measured runs, binned by their context length; needs
+    matplotlib)."""
 
     def run(self) -> None:
         check_destinations(self.json, self.plot)
