@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral import hf, hub
+from mistral import hf, hub, quant
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
 from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
-from mistral.quant import QuantizedTensor
+from mistral.quant import Quantization, QuantizedTensor
 from mistral.safetensors_file import read_tensors, write_tensors
 from mistral.weights import DTYPES, RawTensor, cast, cast_nbytes
 
@@ -194,8 +194,10 @@ def write_checkpoint(
     tensors: dict[str, RawTensor],
     dtype: str | None = None,
     progress: Callable[[int], None] | None = None,
+    quantize: Quantization | None = None,
 ) -> None:
-    """Writes a folder in ``fmt``, streaming tensor by tensor (cast to ``dtype`` if given)."""
+    """Writes a folder in ``fmt``, streaming tensor by tensor (cast to ``dtype`` if given; in
+    mlx-lm's layout, affine-quantized as mlx-lm quantizes if ``quantize`` is given)."""
     if fmt not in FORMATS:
         raise MistralError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
     if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
@@ -205,11 +207,17 @@ def write_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     out_dtype = dtype or next(iter(tensors.values())).dtype
+    if quantize is not None and (fmt != "mlx" or args.moe):
+        raise MistralError("--quantize writes mlx-lm's layout (--to mlx) of a dense model")
     if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
-        (path / "config.json").write_text(
-            json.dumps(hf.config_from_args(args, out_dtype), indent=2)
-        )
+        config = hf.config_from_args(args, out_dtype)
         named = list(hf.tensors_to_hf(args, tensors).items())
+        if quantize is not None:  # cast first, then quantized, as mlx-lm's convert does
+            block = {"group_size": quantize.group_size, "bits": quantize.bits, "mode": "affine"}
+            config |= {"quantization": block, "quantization_config": block}
+            named = quant.quantized_items(named, quantize, dtype)
+            dtype = None
+        (path / "config.json").write_text(json.dumps(config, indent=2))
         shards = _shard(named, dtype)
         if len(shards) == 1:
             write_tensors(path / "model.safetensors", shards[0], dtype, progress)

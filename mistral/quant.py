@@ -13,13 +13,14 @@ of the row is bits 4j .. 4j + 3 of the stream, i.e. word j // 8, shifted right b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from mistral.errors import MistralError
-from mistral.weights import RawTensor, from_numpy
+from mistral.weights import RawTensor, cast, from_numpy
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -163,4 +164,91 @@ def gather(
             if t.dtype == "uint32" or name.endswith((".scales", ".biases")):
                 raise MistralError(f"{source}: {name} belongs to no quantized weight")
             out[name] = t
+    return out
+
+
+def quantize(w: np.ndarray, dtype: str, q: Quantization) -> tuple[np.ndarray, RawTensor, RawTensor]:
+    """(out, in) values of ``dtype`` (as float32) -> packed codes, scales, biases, bit for bit as
+    MLX's affine quantizer: per group, in float32, the scale spans min..max over 2^bits - 1
+    steps, signed toward the edge of larger magnitude, which is then made exact (scale = edge /
+    its rounded code, bias = edge) so that zero stays representable; codes are
+    rint((w - bias) / scale) clipped to the range; scales and biases are stored in ``dtype``."""
+    out, n = w.shape
+    g, bits = q.group_size, q.bits
+    if n % g:
+        raise MistralError(f"{n} inputs do not split into groups of {g}")
+    groups = w.astype(np.float32).reshape(out, n // g, g)
+    w_min, w_max = groups.min(-1), groups.max(-1)
+    n_bins = np.float32(2**bits - 1)
+    larger_min = np.abs(w_min) > np.abs(w_max)
+    scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scale = np.where(larger_min, scale, -scale)
+    edge = np.where(larger_min, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    exact = q0 != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(exact, edge / np.where(exact, q0, 1), scale).astype(np.float32)
+    bias = np.where(exact, edge, np.float32(0)).astype(np.float32)
+    codes = np.rint((groups - bias[..., None]) / scale[..., None])
+    codes = np.clip(codes, 0, n_bins).astype(np.uint32).reshape(out, n)
+    return pack(codes, bits), from_numpy(scale, dtype), from_numpy(bias, dtype)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, n) codes -> (rows, n * bits / 32) uint32, least significant bits first."""
+    rows, n = codes.shape
+    stream = (codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1  # (rows, n, bits)
+    raw = np.packbits(stream.reshape(rows, n * bits).astype(np.uint8), axis=-1, bitorder="little")
+    return raw.view("<u4").astype(np.uint32)
+
+
+@dataclass
+class Deferred:
+    """A tensor made when it is written (one at a time, so a conversion holds about one
+    weight): the packed codes, scales or biases of a weight being quantized."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * (4 if self.dtype in ("float32", "uint32") else 2)
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.make()
+
+
+def quantized_items(
+    items: list[tuple[str, RawTensor]], q: Quantization, dtype: str | None
+) -> list[tuple[str, Deferred]]:
+    """Hugging Face-named tensors, cast to ``dtype`` (None: as they are), with every weight of a
+    Linear or Embedding whose inputs split into groups (2-D, as mlx-lm's quantize chooses them)
+    as codes, scales and biases; each computed as it is written."""
+    out: list[tuple[str, Deferred]] = []
+    made: dict[str, tuple[np.ndarray, RawTensor, RawTensor]] = {}
+
+    def part(name: str, t: RawTensor, i: int) -> Callable[[], np.ndarray]:
+        def make() -> np.ndarray:
+            if name not in made:
+                made[name] = quantize(cast(t, dtype).to_numpy(), dtype or t.dtype, q)
+            value = made[name][i]
+            if i == 2:
+                del made[name]  # the biases are written last
+            return value if isinstance(value, np.ndarray) else value.data
+
+        return make
+
+    for name, t in items:
+        kind = dtype or t.dtype
+        if len(t.shape) != 2 or t.shape[1] % q.group_size or not name.endswith(".weight"):
+            out.append((name, Deferred(kind, t.shape, lambda t=t: cast(t, dtype).data)))
+            continue
+        rows, n = t.shape
+        module = name.removesuffix(".weight")
+        groups = (rows, n // q.group_size)
+        out.append((name, Deferred("uint32", (rows, n * q.bits // 32), part(name, t, 0))))
+        out.append((module + ".scales", Deferred(kind, groups, part(name, t, 1))))
+        out.append((module + ".biases", Deferred(kind, groups, part(name, t, 2))))
     return out

@@ -177,3 +177,82 @@ def test_converting_a_quantized_folder_is_refused_in_one_line(tmp_path, quantize
     ckpt = read_checkpoint(quantized)
     with pytest.raises(mistral.MistralError, match="quantized: converting them is not supported"):
         write_checkpoint(tmp_path / "x", "mistral", ckpt.args, ckpt.tensors)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_our_quantizer_writes_mlx_s_codes_bit_for_bit(bits, dtype):
+    import mlx.core as mx
+
+    from mistral.quant import quantize
+
+    rng = np.random.default_rng(10 + bits)
+    for group in (32, 64, 128):
+        w = rng.standard_normal((12, 256), dtype=np.float32) * rng.uniform(0.01, 3)
+        w[0, :group] = 0.0  # a group of zeros, a constant group
+        w[1, :group] = 0.5
+        w = mx.array(w).astype(getattr(mx, dtype))
+        packed, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        ours = quantize(np.array(w.astype(mx.float32)), dtype, Quantization(bits, group))
+        assert np.array_equal(ours[0], np.array(packed)), (bits, group, dtype)
+        assert np.array_equal(ours[1].to_numpy(), np.array(scales.astype(mx.float32)))
+        assert np.array_equal(ours[2].to_numpy(), np.array(biases.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("bits, group, dtype", [(4, 64, None), (3, 32, "float32"), (8, 128, None)])
+def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype):
+    """`mistral convert --to mlx --quantize` on the embedded model: the same tensors, bit for bit,
+    as mlx-lm's convert of the same model, a folder mlx_lm.load reads and both backends run."""
+    import subprocess
+    import sys
+
+    from mlx_lm.convert import convert
+
+    from mistral.safetensors_file import read_tensors
+
+    default = ROOT / "mistral" / "default_model"
+    cast = ["--dtype", dtype] if dtype else []
+
+    def cli(*argv):
+        run = [sys.executable, "-m", "mistral", "convert", *argv]
+        out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
+        assert out.returncode == 0, out.stderr
+
+    cli(str(default), str(tmp_path / "ours"), "--to", "mlx", "--quantize", str(bits),
+        "--group-size", str(group), *cast)  # fmt: skip
+    cli(str(default), str(tmp_path / "hf"), "--to", "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "theirs"), quantize=True, q_bits=bits,
+            q_group_size=group, dtype=dtype)  # fmt: skip
+    ours = read_tensors(tmp_path / "ours" / "model.safetensors")
+    theirs = {}
+    for f in (tmp_path / "theirs").glob("model*.safetensors"):
+        theirs.update(read_tensors(f))
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.dtype == theirs[name].dtype and np.array_equal(t.data, theirs[name].data), name
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": group, "bits": bits, "mode": "affine"}
+    rows = [Tokenizer(TOKENIZER).encode("And it came to pass")]
+    expected = None
+    for backend in ("torch", "mlx"):
+        model = mistral.load(tmp_path / "ours", backend=backend, device="cpu", dtype="float32")
+        tokens = model.generate(rows, 12)
+        assert expected in (None, tokens)
+        expected = tokens
+
+
+def test_quantize_asks_for_mlx_s_layout_and_sane_bits(tmp_path):
+    import subprocess
+    import sys
+
+    default = str(ROOT / "mistral" / "default_model")
+    for argv, message in (
+        (["--to", "hf", "--quantize", "4"], "--quantize writes mlx-lm's layout"),
+        (["--to", "mlx", "--quantize", "7"], "7 bits"),
+        (["--to", "mlx", "--quantize", "4", "--group-size", "48"], "groups of 48"),
+        (["--to", "mlx", "--quantize", "4", "--mode", "mxfp4"], "not written yet"),
+    ):
+        run = [sys.executable, "-m", "mistral", "convert", default, str(tmp_path / "x"), *argv]
+        out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
+        assert out.returncode == 1 and message in out.stderr, (argv, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

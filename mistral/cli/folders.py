@@ -18,6 +18,7 @@ from mistral.chat import template_version
 from mistral.checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
 from mistral.hf_tokenizer import tokenizer_files
+from mistral.quant import Quantization
 from mistral.tokenizer import Tokenizer
 from mistral.weights import cast_nbytes, check_tensors
 
@@ -114,8 +115,20 @@ class Convert:
     and writes), mlx-examples (the older params.json + weights.npz of mlx-examples' scripts)."""
     dtype: str | None = sp.choice("float32", "bfloat16", "float16", default=None)
     """Cast the weights. Default: keep them as they are."""
+    quantize: int | None = None
+    """With --to mlx: quantize the weights to this many bits (2, 3, 4, 5, 6 or 8), affine, the
+    same packed codes that mlx-lm's own convert writes from the same model."""
+    group_size: int = 64
+    """With --quantize: inputs per group of one scale and bias (32, 64 or 128)."""
+    mode: str = sp.choice("affine", "mxfp4", default="affine")
+    """With --quantize: affine (codes, scales and biases); mxfp4 is not written yet."""
 
     def run(self) -> None:
+        q = None
+        if self.quantize is not None:
+            if self.mode != "affine":
+                raise MistralError(f"--mode {self.mode} is not written yet: use affine")
+            q = Quantization(self.quantize, self.group_size)
         ckpt = read_checkpoint(self.src)
         # Checked before anything is written: the tensors the spec needs, the tokenizer files.
         check_tensors(ckpt.args, {k: t.shape for k, t in ckpt.tensors.items()}, str(ckpt.path))
@@ -123,14 +136,16 @@ class Convert:
         dst = Path(self.dst)
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise MistralError(f"{dst} exists and is not empty: choose a new folder")
-        total = sum(cast_nbytes(t, self.dtype) for t in ckpt.tensors.values())
+        total = sum(cast_nbytes(t, self.dtype) for t in ckpt.tensors.values()) if not q else None
         # Written beside the destination and moved there whole: an interrupted or failed
         # conversion leaves no folder that looks finished.
         partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
         try:
             desc = f"{ckpt.format} -> {self.to}"
             with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
-                write_checkpoint(partial, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update)
+                write_checkpoint(
+                    partial, self.to, ckpt.args, ckpt.tensors, self.dtype, bar.update, q
+                )
             for path in tokenizers:
                 shutil.copy(path, partial / path.name)
             if tokenizers and self.to in ("hf", "mlx"):  # what AutoTokenizer and mlx-lm read
