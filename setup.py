@@ -21,6 +21,8 @@ setup(
         "mlx": ["mlx>=0.26"],
         "hub": ["huggingface_hub"],  # models by repo id (mistral.load("org/name"))
         "plot": ["matplotlib"],  # mistral diff --plot, mistral bench --plot
+        "hf": ["transformers"],  # the hf reference of diff and bench (with torch)
+        "mlx-lm": ["mlx-lm"],  # the mlx-lm reference of diff and bench (with mlx)
         "test": ["pytest", "ruff", "transformers", "mlx-lm", "mistral-common", "matplotlib"],
     },
     entry_points={"console_scripts": ["mistral = mistral.cli:main"]},

@@ -37,7 +37,7 @@ class HFReference:
             import transformers
         except ImportError:
             raise MistralError(
-                "the hf reference needs transformers: pip install transformers"
+                "the hf reference needs transformers: pip install transformers (or '.[hf]')"
             ) from None
         self.args = args
         dev = resolve_device(device)
