@@ -290,3 +290,21 @@ def test_chat_commands_without_a_terminal(tmp_path):
     bad.write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
     out = run("chat", stdin=f"/load {bad}\n")
     assert out.returncode == 0 and "mistral chat:" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "blocked, argv, needle",
+    [
+        ("transformers", ["diff", "--tokens", "1,2,3", "--b", "hf"], "'.[hf]'"),
+        ("mlx_lm", ["diff", "--tokens", "1,2,3", "--a", "mlx", "--b", "mlx-lm"], "'.[mlx-lm]'"),
+        ("huggingface_hub", ["info", "someone/not-a-folder"], "'.[hub]'"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line(blocked, argv, needle):
+    block = f"import sys; sys.modules[{blocked!r}] = None"
+    code = f"{block}; from mistral.cli import main; sys.exit(main())"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert out.returncode == 1 and needle in out.stderr, out.stderr[-500:]
+    assert len(out.stderr.strip().splitlines()) == 1

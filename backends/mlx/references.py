@@ -67,7 +67,9 @@ class MlxLmReference:
         try:
             family = importlib.import_module(f"mlx_lm.models.{kind or config['model_type']}")
         except ImportError:
-            raise MistralError("the mlx-lm reference needs mlx-lm: pip install mlx-lm (or '.[mlx-lm]')") from None
+            raise MistralError(
+                "the mlx-lm reference needs mlx-lm: pip install mlx-lm (or '.[mlx-lm]')"
+            ) from None
         self.args = args
         self.mx_device = resolve_device(device)
         dt = resolve_dtype(dtype, self.mx_device)
