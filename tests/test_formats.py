@@ -199,7 +199,9 @@ def test_unknown_backend_and_dtype_are_named(tmp_path):
         mistral.load(tmp_path, device="cuda")
 
 
-def test_quantized_mlx_lm_folders_are_refused(tmp_path):
+def test_scales_without_a_quantization_block_are_refused(tmp_path):
+    """Quantized folders load (tests/test_quantized.py) when their config says how; a .scales
+    tensor in a folder whose config has no quantization block is refused, named."""
     args = tiny("tiny-dense")
     weights = mistral.hf.tensors_to_hf(args, random_weights(args))
     weights["model.layers.0.self_attn.q_proj.scales"] = weights["model.norm.weight"]
@@ -209,7 +211,9 @@ def test_quantized_mlx_lm_folders_are_refused(tmp_path):
     (tmp_path / "q").mkdir()
     write_tensors(tmp_path / "q" / "model.safetensors", list(weights.items()))
     (tmp_path / "q" / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "f")))
-    with pytest.raises(MistralError, match="quantized checkpoints are not supported"):
+    with pytest.raises(
+        MistralError, match="q_proj.scales but the config has no quantization block"
+    ):
         read_checkpoint(tmp_path / "q")
 
 
