@@ -212,7 +212,7 @@ def test_scales_without_a_quantization_block_are_refused(tmp_path):
     write_tensors(tmp_path / "q" / "model.safetensors", list(weights.items()))
     (tmp_path / "q" / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "f")))
     with pytest.raises(
-        MistralError, match="q_proj.scales but the config has no quantization block"
+        MistralError, match=r"q_proj\.scales but the config has no quantization block"
     ):
         read_checkpoint(tmp_path / "q")
 
