@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral import hf, hub, quant
+from mistral import hf, hf_config, hub, quant
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
@@ -76,7 +76,7 @@ def read_config(path: Path) -> ModelArgs:
         return ModelArgs.from_params(read_json(path), str(path))
     config = read_json(path)
     if "model_type" in config:
-        return hf.args_from_config(config, str(path))
+        return hf_config.args_from_config(config, str(path))
     return ModelArgs.from_params(config, str(path))
 
 
@@ -127,10 +127,12 @@ def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
 
 def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
     config = read_json(path / "config.json")
-    args = hf.args_from_config(config, str(path / "config.json"))
+    args = hf_config.args_from_config(config, str(path / "config.json"))
     raw = read_safetensors_set(path, "model")
     quantization = config.get("quantization")  # mlx-lm's (it writes quantization_config too)
-    tensors = hf.tensors_from_hf(args, raw, str(path), hf.is_multimodal(config), quantization)
+    tensors = hf.tensors_from_hf(
+        args, raw, str(path), hf_config.is_multimodal(config), quantization
+    )
     if args.tied_embeddings and "output.weight" in tensors:  # as transformers: the stored one
         args = dataclasses.replace(args, tied_embeddings=False)
     return args, tensors
@@ -210,7 +212,7 @@ def write_checkpoint(
     if quantize is not None and (fmt != "mlx" or args.moe):
         raise MistralError("--quantize writes mlx-lm's layout (--to mlx) of a dense model")
     if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
-        config = hf.config_from_args(args, out_dtype)
+        config = hf_config.config_from_args(args, out_dtype)
         named = list(hf.tensors_to_hf(args, tensors).items())
         if quantize is not None:  # cast first, then quantized, as mlx-lm's convert does
             block = {"group_size": quantize.group_size, "bits": quantize.bits, "mode": "affine"}

@@ -33,9 +33,9 @@ def hf_model(args: ModelArgs, seed: int = 0):
     import torch
     import transformers
 
-    from mistral import hf
+    from mistral import hf_config
 
-    config = hf.config_from_args(args, "float32")
+    config = hf_config.config_from_args(args, "float32")
     if args.moe:
         cls, cfg_cls = transformers.MixtralForCausalLM, transformers.MixtralConfig
     else:
@@ -106,9 +106,9 @@ def mlx_lm_model(args: ModelArgs, tensors: dict):
     """
     import mlx.core as mx
 
-    from mistral import hf
+    from mistral import hf, hf_config
 
-    config = hf.config_from_args(args, "float32")
+    config = hf_config.config_from_args(args, "float32")
     if args.moe:
         from mlx_lm.models import mixtral as family
     else:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mistral
-from mistral import contract, hf
+from mistral import contract, hf, hf_config
 from mistral.args import Llama4ScalingArgs, ModelArgs, YarnArgs
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from tests.helpers import hf_greedy, hf_logits, max_diff, random_rows, seeded
@@ -56,7 +56,7 @@ def hf_model_of(args: ModelArgs, seed: int = 0):
     import torch
     import transformers
 
-    config = transformers.AutoConfig.for_model(**hf.config_from_args(args, "float32"))
+    config = transformers.AutoConfig.for_model(**hf_config.config_from_args(args, "float32"))
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return seeded(transformers.AutoModelForCausalLM.from_config(config), seed)
@@ -75,9 +75,9 @@ def case(request, tmp_path_factory):
 def test_the_folder_reads_back_as_the_args(case):
     name, _, ckpt = case
     assert ckpt.args == CASES[name]
-    assert json.loads((ckpt.path / "config.json").read_text())["model_type"] == hf.model_type(
-        CASES[name]
-    )
+    assert json.loads((ckpt.path / "config.json").read_text())[
+        "model_type"
+    ] == hf_config.model_type(CASES[name])
 
 
 @pytest.mark.parametrize("backend", contract.BACKENDS)
@@ -148,7 +148,7 @@ def mistral3_folder(tmp_path, text: ModelArgs):
     import torch
     import transformers
 
-    text_config = hf.config_from_args(text, "float32")
+    text_config = hf_config.config_from_args(text, "float32")
     vision = transformers.PixtralVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -224,7 +224,7 @@ def mlx_lm_of(args: ModelArgs, tensors: dict):
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
-    config = hf.config_from_args(args, "float32")
+    config = hf_config.config_from_args(args, "float32")
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     weights = {k: mx.array(t.to_numpy()) for k, t in hf.tensors_to_hf(args, tensors).items()}
@@ -253,10 +253,10 @@ def test_what_transformers_cannot_hold_is_refused_in_one_line():
     args = CASES["ministral"]
     two = dataclasses.replace(args, sliding_window=[W, 2 * W])
     with pytest.raises(mistral.MistralError, match="one sliding window"):
-        hf.config_from_args(two, "float32")
+        hf_config.config_from_args(two, "float32")
     mixed = dataclasses.replace(CASES["ministral3"], sliding_window=[W, None])
     with pytest.raises(mistral.MistralError, match="no per-layer windows"):
-        hf.config_from_args(mixed, "float32")
+        hf_config.config_from_args(mixed, "float32")
 
 
 @pytest.mark.parametrize(
@@ -291,10 +291,10 @@ def test_bad_newer_params_are_one_line(change, message):
     ],
 )  # fmt: skip
 def test_hugging_face_rope_we_cannot_run_is_refused(rope, message):
-    config = hf.config_from_args(CASES["ministral3"], "float32")
+    config = hf_config.config_from_args(CASES["ministral3"], "float32")
     config["rope_parameters"] = rope
     with pytest.raises(mistral.MistralError, match=message):
-        hf.args_from_config(config)
+        hf_config.args_from_config(config)
 
 
 def test_params_with_a_vision_encoder_load_the_text_decoder(tmp_path):
@@ -363,7 +363,7 @@ def test_the_shipped_shapes_parse_and_have_a_transformers_type(name):
     billions = {"nemo": 12.2, "ministral-8b": 8.0, "3-3b": 3.4, "3-8b": 8.5, "24b": 23.6}
     billions |= {"devstral": 23.6, "22b": 22.2}
     assert any(k in name and round(params / 1e9, 1) == v for k, v in billions.items()), params
-    assert hf.model_type(args) in hf.CLASSES
+    assert hf_config.model_type(args) in hf_config.CLASSES
     assert prefill_flops(args, 16, 1) > 0
     fake = {k: type("T", (), {"shape": s})() for k, s in expected_shapes(args).items()}
     assert decode_bytes(args, fake, 2, 64, 1) > 0

@@ -84,13 +84,13 @@ def test_folder_written_by_transformers_gives_its_logits(tmp_path, config):
 def test_folder_written_by_mlx_lm_gives_its_logits(tmp_path, config):
     from mlx_lm.utils import save_config, save_model
 
-    from mistral import hf
+    from mistral import hf_config
 
     args = tiny(config)
     weights = random_weights(args, seed=8)
     ref = mlx_lm_model(args, weights)  # Mixtral's experts are stacked as switch_mlp
     save_model(tmp_path, ref)
-    save_config(hf.config_from_args(args, "float32"), tmp_path / "config.json")
+    save_config(hf_config.config_from_args(args, "float32"), tmp_path / "config.json")
     ours = mistral.load(tmp_path, backend="mlx", device="cpu", dtype="float32")
     rows = random_rows([args.sliding_window or 30], args.vocab_size, 1)
     diff = float(np.abs(ours.logits(rows)[0] - mlx_lm_logits(ref, rows)[0]).max())
@@ -101,7 +101,9 @@ def test_mlx_example_layout_with_npz_and_config_json(tmp_path):
     args = tiny("tiny-dense")
     weights = random_weights(args, seed=9, dtype="float16")
     np.savez(tmp_path / "weights.npz", **{k: t.data.reshape(t.shape) for k, t in weights.items()})
-    (tmp_path / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "float16")))
+    (tmp_path / "config.json").write_text(
+        json.dumps(mistral.hf_config.config_from_args(args, "float16"))
+    )
     ckpt = read_checkpoint(tmp_path)
     assert ckpt.format == "mlx-examples" and ckpt.args == args
     assert_same_tensors(ckpt.tensors, weights)
@@ -210,7 +212,9 @@ def test_scales_without_a_quantization_block_are_refused(tmp_path):
 
     (tmp_path / "q").mkdir()
     write_tensors(tmp_path / "q" / "model.safetensors", list(weights.items()))
-    (tmp_path / "q" / "config.json").write_text(json.dumps(mistral.hf.config_from_args(args, "f")))
+    (tmp_path / "q" / "config.json").write_text(
+        json.dumps(mistral.hf_config.config_from_args(args, "f"))
+    )
     with pytest.raises(
         MistralError, match=r"q_proj\.scales but the config has no quantization block"
     ):

@@ -19,7 +19,7 @@ import numpy as np
 
 from backends.mlx.measure import Meter
 from backends.mlx.runner import dtype_name, resolve_device, resolve_dtype
-from mistral import hf
+from mistral import hf, hf_config
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
@@ -62,7 +62,9 @@ class MlxLmReference:
         device: str | None,
         dtype: str | None,
     ) -> None:
-        config = hf.config_from_args(args, dtype_name(resolve_dtype(dtype, resolve_device(device))))
+        config = hf_config.config_from_args(
+            args, dtype_name(resolve_dtype(dtype, resolve_device(device)))
+        )
         kind = {"mistral": "llama", "ministral": "llama"}.get(config["model_type"])
         try:
             family = importlib.import_module(f"mlx_lm.models.{kind or config['model_type']}")

@@ -13,7 +13,7 @@ import torch
 
 from backends.torch.measure import Meter
 from backends.torch.runner import dtype_name, resolve_device, resolve_dtype
-from mistral import hf
+from mistral import hf_config
 from mistral.args import ModelArgs
 from mistral.checkpoint import write_checkpoint
 from mistral.errors import MistralError
@@ -44,8 +44,8 @@ class HFReference:
         dt = resolve_dtype(dtype, dev)
         self.device, self.dtype = str(dev), dtype_name(dt)
         self.meter = Meter(args, device, dtype)
-        family = hf.model_type(args)  # mistral, mixtral, ministral or ministral3
-        cls = getattr(transformers, hf.CLASSES[family])
+        family = hf_config.model_type(args)  # mistral, mixtral, ministral or ministral3
+        cls = getattr(transformers, hf_config.CLASSES[family])
         with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
             write_checkpoint(tmp, "hf", args, dict(tensors))
             model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
