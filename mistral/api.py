@@ -57,6 +57,21 @@ class Model:
         gen.check_batch([tokens], self.args.vocab_size)
         return self.runner.trace(list(tokens))
 
+    def trace_step(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]:
+        """Every named tap of the cached step that follows ``prompt + tokens`` when they are fed
+        as generation feeds them (the prompt, then one token a step), as that step ran: float32
+        (1, ...) at its last position; the logits are the ones its next token is drawn from."""
+        gen.check_batch([[*prompt, *tokens]], self.args.vocab_size)
+        session = self.session(1, len(prompt) + len(tokens) + 1)
+        feeds = [list(prompt), *([t] for t in tokens)]
+        for rows in feeds[:-1]:
+            for _ in session.feed([rows], None, last_only=True):
+                pass
+        with self.runner.recording() as taps:
+            for _ in session.feed([feeds[-1]], None, last_only=True):
+                pass
+        return {name: a[-1:] for name, a in taps.items()}
+
     def session(self, batch: int, context: int) -> gen.Session:
         """An empty cache for ``batch`` rows of up to ``context`` tokens each (layers with a
         sliding window rotate their whole window instead, with no limit): ``stream`` continues

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -56,6 +57,11 @@ class Runner(Protocol):
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """Every named tap (mistral.taps) of one uncached forward of one row, float32 (T, ...)."""
+        ...
+
+    def recording(self) -> AbstractContextManager[dict[str, np.ndarray]]:
+        """A block whose forwards record every named tap of row 0 into the dict it gives,
+        float32 (T, ...), filled as the block ends (a cached step's taps, as diff needs)."""
         ...
 
 

@@ -58,16 +58,9 @@ class OurSide:
         return self.model.generate([prompt], n)[0]
 
     def step_taps(self, prompt: list[int], tokens: list[int]) -> dict[str, np.ndarray]:
-        """The taps (1, ...) of the greedy step that chose the token after prompt + tokens. Our
-        backends trace one uncached forward only, so the taps are those of the prefix's last
-        position there, and the logits are the ones the cached greedy step drew from."""
-        last: dict[str, np.ndarray] = {}
-        steps = self.model.stream([prompt], len(tokens) + 1, observe=lambda x: last.update(x=x))
-        for _ in steps:
-            pass
-        taps = {name: a[-1:] for name, a in self.model.trace(prompt + tokens).items()}
-        taps["logits"] = last["x"][:1].copy()  # (1, V)
-        return taps
+        """The taps (1, ...) of the greedy step that chose the token after prompt + tokens,
+        recorded as that cached step ran."""
+        return self.model.trace_step(prompt, tokens)
 
 
 def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:

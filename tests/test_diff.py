@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import mistral.weights
@@ -341,3 +342,22 @@ def test_plot_without_matplotlib_is_one_line_before_the_run(tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "--plot needs matplotlib: pip install matplotlib" in lines[0]
     assert "[plot]" in lines[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_cached_step_is_traced_as_it_ran(backend):
+    """Model.trace_step records the cached step itself: its logits are exactly the ones the
+    generation drew the next token from, and in float32 its taps match an uncached trace's last
+    row (the same computation, another order of summation)."""
+    args = tiny("tiny-window")
+    model = mistral.from_tensors(args, random_weights(args, seed=8), backend, "cpu")
+    prompt = random_rows([args.sliding_window + 5], args.vocab_size, 9)[0]
+    seen: list = []
+    steps = model.stream([prompt], 6, observe=lambda x: seen.append(x.copy()))
+    tokens = [t for (t,) in steps]
+    taps = model.trace_step(prompt, tokens[:4])
+    assert np.array_equal(taps["logits"], seen[4][:1])
+    whole = model.trace(prompt + tokens[:4])
+    assert set(taps) == set(whole)
+    for name, a in taps.items():
+        assert np.abs(a - whole[name][-1:]).max() <= 1e-4 * max(1.0, np.abs(a).max()), name

@@ -3,8 +3,9 @@ planned step at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -86,6 +87,7 @@ class Runner:
         self.dtype = dtype_name(dtype)
         self.rope = Rope.of(args)
         self.freqs = mx.array(1.0 / self.rope.inv_freq)
+        self.taps: dict[str, mx.array] | None = None  # set while recording()
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
         with mx.stream(self.mx_device):
@@ -114,22 +116,29 @@ class Runner:
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
-        own_thread_streams()
         plans = plan_prefill([len(tokens)], self.args.layer_windows())
-        steps = {w: Step.from_plan(plan, self.rope, self.freqs) for w, plan in plans.items()}
-        taps: dict[str, mx.array] = {}
+        with self.recording() as taps:
+            self.forward(np.array([tokens]), plans, None, last_only=False)
+        return taps
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, np.ndarray]]:
+        """The forwards run inside record every named tap of row 0: the dict given is filled,
+        float32 numpy (T, ...), as the block ends."""
+        self.taps, out = {}, {}
         for recorder in self.model.recorders():
-            recorder.store = taps
+            recorder.store = self.taps
         try:
-            with mx.stream(self.mx_device):
-                self.model(mx.array([tokens]), steps)
-                taps = {name: t.astype(mx.float32) for name, t in taps.items()}
-                mx.eval(taps)
+            yield out
         finally:
             for recorder in self.model.recorders():
                 recorder.store = None
-        length = len(tokens)
-        return {name: as_row(name, np.array(t), length) for name, t in taps.items()}
+            taps, self.taps = self.taps, None
+        with mx.stream(self.mx_device):
+            taps = {name: t.astype(mx.float32) for name, t in taps.items()}
+            mx.eval(taps)
+        length = taps["embeddings"].shape[1]
+        out |= {name: as_row(name, np.array(t), length) for name, t in taps.items()}
 
 
 def build(

@@ -3,7 +3,8 @@ planned step at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -101,6 +102,7 @@ class Runner:
         self.dtype = dtype_name(dtype)
         self.rope = Rope.of(args)
         self.inv_freq = torch.from_numpy(self.rope.inv_freq).to(device)
+        self.taps: dict[str, torch.Tensor] | None = None  # set while recording()
 
     def new_cache(self, batch: int, sizes: Mapping[Window, int]) -> list[LayerCache]:
         with torch.device(self.torch_device):
@@ -121,26 +123,33 @@ class Runner:
         if last_only:  # the same in every window's plan
             last = torch.from_numpy(next(iter(plans.values())).last_index).to(self.torch_device)
         decode = all(plan.key_layout == "cache" for plan in plans.values())
-        out = (self.decode_model if decode else self.model)(x, steps, cache, last)
+        compiled = decode and self.taps is None  # a recorded step runs eager
+        out = (self.decode_model if compiled else self.model)(x, steps, cache, last)
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
 
-    @torch.inference_mode()
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
         plans = plan_prefill([len(tokens)], self.args.layer_windows())
-        steps = {w: Step.from_plan(plan, self.rope, self.inv_freq) for w, plan in plans.items()}
-        taps: dict[str, torch.Tensor] = {}
+        with self.recording() as taps:
+            self.forward(np.array([tokens]), plans, None, last_only=False)
+        return taps
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, np.ndarray]]:
+        """The forwards run inside record every named tap of row 0: the dict given is filled,
+        float32 numpy (T, ...), as the block ends."""
+        self.taps, out = {}, {}
         for recorder in self.model.recorders():
-            recorder.store = taps
+            recorder.store = self.taps
         try:
-            self.model(torch.tensor([tokens], device=self.torch_device), steps)
+            yield out
         finally:
             for recorder in self.model.recorders():
                 recorder.store = None
-        return {
-            name: as_row(name, t.float().cpu().numpy(), len(tokens)) for name, t in taps.items()
-        }
+            taps, self.taps = self.taps, None
+        length = taps["embeddings"].shape[1]
+        out |= {name: as_row(name, t.float().cpu().numpy(), length) for name, t in taps.items()}
 
 
 def build(
