@@ -26,15 +26,27 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
+MODES = ("affine", "mxfp4")
+# mxfp4's codes: E2M1 values; its scales are E8M0, 2^(s - 127), one uint8 per group of 32.
+FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
 @dataclass(frozen=True)
 class Quantization:
-    """One layer's: bits per code and inputs per group (mode affine)."""
+    """One layer's: bits per code, inputs per group, and the mode: affine (scale * code + bias)
+    or mxfp4 (an E2M1 value times a power of two per group of 32, no bias)."""
 
     bits: int
     group_size: int
+    mode: str = "affine"
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS or self.group_size not in GROUP_SIZES:
+        if self.mode == "mxfp4":
+            if (self.bits, self.group_size) != (4, 32):
+                raise MistralError("mxfp4 is 4 bits in groups of 32")
+        elif self.mode != "affine":
+            raise MistralError(f"quantization mode {self.mode!r} is not supported ({MODES})")
+        elif self.bits not in BITS or self.group_size not in GROUP_SIZES:
             raise MistralError(
                 f"affine quantization of {self.bits} bits in groups of {self.group_size} is not "
                 f"supported (bits {BITS}, groups {GROUP_SIZES})"
@@ -46,8 +58,8 @@ class QuantizedTensor:
     """A weight as packed codes with their scales and biases; ``shape`` is the weight's own."""
 
     packed: RawTensor  # uint32 (out, in * bits / 32)
-    scales: RawTensor  # (out, in / group_size), float
-    biases: RawTensor
+    scales: RawTensor  # (out, in / group_size): float (affine) or uint8 exponents (mxfp4)
+    biases: RawTensor | None  # affine only
     q: Quantization
 
     @property
@@ -56,25 +68,27 @@ class QuantizedTensor:
 
     @property
     def dtype(self) -> str:
-        return self.scales.dtype
+        """The dtype it dequantizes to by default (mxfp4: bfloat16, as mx.dequantize)."""
+        return "bfloat16" if self.biases is None else self.scales.dtype
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+        return sum(t.nbytes for t in (self.packed, self.scales, self.biases) if t is not None)
 
     def reorder_rows(self, order: np.ndarray) -> QuantizedTensor:
         """Rows (whole output channels, groups and all) in another order, as wq/wk need."""
+        biases = None if self.biases is None else self.biases.reorder_rows(order)
         return replace(
             self,
             packed=self.packed.reorder_rows(order),
             scales=self.scales.reorder_rows(order),
-            biases=self.biases.reorder_rows(order),
+            biases=biases,
         )
 
     def dequantized(self, dtype: str | None = None) -> RawTensor:
         """The weight in ``dtype`` (default: the scales'), computed in it from the scales and
         biases cast to it: bit for bit what mx.dequantize gives on those."""
-        dtype = dtype or self.scales.dtype
+        dtype = dtype or self.dtype
         return from_numpy(dequantize(self, dtype), dtype)
 
 
@@ -97,7 +111,14 @@ def dequantize(t: QuantizedTensor, dtype: str) -> np.ndarray:
     """(out, in) float32 holding the dequantized weight's values, computed in ``dtype``."""
     out, n = t.shape
     g = t.q.group_size
-    codes = unpack(t.packed.data, t.q.bits, n).reshape(out, n // g, g).astype(np.float32)
+    codes = unpack(t.packed.data, t.q.bits, n).reshape(out, n // g, g)
+    if t.biases is None:  # mxfp4: exact in float32 (a power of two times an E2M1 value)
+        exponent = t.scales.data.astype(np.int32)[..., None]
+        scale = np.where(
+            exponent == 0, np.float32(2.0**-127), np.ldexp(np.float32(1), exponent - 127)
+        )
+        return rounded((FP4[codes] * scale.astype(np.float32)).reshape(out, n), dtype)
+    codes = codes.astype(np.float32)
     scales = rounded(t.scales.to_numpy(), dtype)[..., None]
     biases = rounded(t.biases.to_numpy(), dtype)[..., None]
     w = rounded(rounded(codes * scales, dtype) + biases, dtype)
@@ -110,10 +131,10 @@ def config_quantization(block: Any, source: str) -> tuple[Quantization, dict[str
     if not isinstance(block, dict):
         raise MistralError(f"{source}: quantization must be an object, got {block!r}")
     mode = block.get("mode", "affine")
-    if mode != "affine":
-        raise MistralError(f"{source}: quantization mode {mode!r} is not supported yet (affine)")
+    if mode not in MODES:
+        raise MistralError(f"{source}: quantization mode {mode!r} is not supported yet ({MODES})")
     try:
-        default = Quantization(block["bits"], block["group_size"])
+        default = Quantization(block["bits"], block["group_size"], mode)
         layers = {}
         for key, value in block.items():
             if key in ("bits", "group_size", "mode"):
@@ -122,7 +143,9 @@ def config_quantization(block: Any, source: str) -> tuple[Quantization, dict[str
                 layers[key] = None
             elif isinstance(value, dict):
                 layers[key] = Quantization(
-                    value.get("bits", default.bits), value.get("group_size", default.group_size)
+                    value.get("bits", default.bits),
+                    value.get("group_size", default.group_size),
+                    value.get("mode", mode),
                 )
             else:
                 raise MistralError(f"quantization.{key} must be an object or false")
@@ -147,9 +170,11 @@ def gather(
             continue
         q = layers.get(module, default)
         scales, biases = tensors[module + ".scales"], tensors.get(module + ".biases")
-        if q is None or biases is None:
-            raise MistralError(f"{source}: {name} is packed but its layer is not quantized")
-        if t.dtype != "uint32" or len(t.shape) != 2 or scales.shape != biases.shape:
+        if q is None or (biases is None) != (q.mode == "mxfp4"):
+            raise MistralError(f"{source}: {name} is packed, but not as its layer's quantization")
+        exponents = q.mode == "mxfp4" and scales.dtype == "uint8"
+        fits = biases is None or (scales.shape == biases.shape and scales.dtype != "uint8")
+        if t.dtype != "uint32" or len(t.shape) != 2 or not (exponents or fits):
             raise MistralError(f"{source}: {name} is not packed uint32 codes with its scales")
         qt = QuantizedTensor(t, scales, biases, q)
         if scales.shape != (t.shape[0], qt.shape[1] // q.group_size) or qt.shape[1] % q.group_size:
@@ -161,7 +186,7 @@ def gather(
         used |= {name, module + ".scales", module + ".biases"}
     for name, t in tensors.items():
         if name not in used:
-            if t.dtype == "uint32" or name.endswith((".scales", ".biases")):
+            if t.dtype in ("uint32", "uint8") or name.endswith((".scales", ".biases")):
                 raise MistralError(f"{source}: {name} belongs to no quantized weight")
             out[name] = t
     return out

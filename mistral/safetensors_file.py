@@ -19,6 +19,7 @@ _CODES = {
     "F16": ("float16", np.float16),
     "BF16": ("bfloat16", np.uint16),
     "U32": ("uint32", np.uint32),  # packed quantized codes (mistral/quant.py)
+    "U8": ("uint8", np.uint8),  # mxfp4's scales
 }
 _NAMES = {name: code for code, (name, _) in _CODES.items()}
 _MAX_HEADER = 100 * 1024 * 1024

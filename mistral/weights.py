@@ -16,6 +16,7 @@ from mistral.measure import cpu_cores
 # quantized codes (mistral/quant.py), never a weight by itself.
 DTYPES = ("float32", "float16", "bfloat16")
 PACKED = "uint32"
+EXPONENTS = "uint8"  # mxfp4's per-group scales, powers of two
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class RawTensor:
     rows: np.ndarray | None = None  # data = source[rows]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES and self.dtype != PACKED:
+        if self.dtype not in (*DTYPES, PACKED, EXPONENTS):
             raise MistralError(f"unsupported dtype {self.dtype}; use one of {', '.join(DTYPES)}")
 
     @property
@@ -78,14 +79,15 @@ def cast(t: RawTensor, dtype: str | None) -> RawTensor:
     """``t`` in ``dtype``; unchanged, bit for bit, when it already is (or dtype is None)."""
     if dtype is None or dtype == t.dtype:
         return t
-    if t.dtype == PACKED:
+    if t.dtype in (PACKED, EXPONENTS):
         raise MistralError("quantized codes cannot be cast: dequantize them first")
     return from_numpy(t.to_numpy(), dtype)
 
 
 def cast_nbytes(t: RawTensor, dtype: str | None) -> int:
     """The size ``t`` will have once cast to ``dtype``."""
-    itemsize = 4 if (dtype or t.dtype) in ("float32", PACKED) else 2
+    kind = dtype or t.dtype
+    itemsize = 4 if kind in ("float32", PACKED) else 1 if kind == EXPONENTS else 2
     return int(np.prod(t.shape, dtype=np.int64)) * itemsize
 
 

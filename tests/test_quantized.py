@@ -143,7 +143,7 @@ def rewrite(folder, dst, edit_config=None, edit_tensors=None):
     "edit_config, edit_tensors, message",
     [
         (lambda c: c["quantization"].update(bits=7), None, "7 bits"),
-        (lambda c: c["quantization"].update(mode="mxfp8"), None, "not supported yet"),
+        (lambda c: c["quantization"].update(mode="nvfp4"), None, "not supported yet"),
         (lambda c: c.pop("quantization"), None, "no quantization block"),
         (
             None,
@@ -256,3 +256,40 @@ def test_quantize_asks_for_mlx_s_layout_and_sane_bits(tmp_path):
         out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
         assert out.returncode == 1 and message in out.stderr, (argv, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_mxfp4_unpacks_as_mx_dequantize(dtype):
+    """E2M1 codes times 2^(s - 127) per group of 32, exact in float32, then rounded to the run's
+    dtype: mx.dequantize's values (it gives bfloat16; asked for the dtype, that dtype)."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(3)
+    w = mx.array(rng.standard_normal((16, 256), dtype=np.float32) * 4).astype(getattr(mx, dtype))
+    packed, scales = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+    expected = mx.dequantize(packed, scales, group_size=32, bits=4, mode="mxfp4")
+    expected = np.array(expected.astype(getattr(mx, dtype)).astype(mx.float32))
+    t = QuantizedTensor(
+        RawTensor("uint32", np.array(packed)),
+        RawTensor("uint8", np.array(scales)),
+        None,
+        Quantization(4, 32, "mxfp4"),
+    )
+    assert np.array_equal(dequantize(t, dtype), expected)
+
+
+def test_both_backends_match_mlx_lm_on_an_mxfp4_folder(tmp_path):
+    from mlx_lm import load
+    from mlx_lm.convert import convert
+
+    src = hf_folder(tmp_path / "hf", BASE)
+    convert(str(src), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32,
+            q_mode="mxfp4", dtype="float32")  # fmt: skip
+    theirs = load(str(tmp_path / "q"))[0]
+    ckpt = read_checkpoint(tmp_path / "q")
+    assert ckpt.tensors["layers.0.attention.wq.weight"].q.mode == "mxfp4"
+    rows = random_rows([30, 9], BASE.vocab_size, 1)
+    expected = mlx_lm_logits(theirs, rows)
+    for backend in ("torch", "mlx"):
+        model = mistral.load(tmp_path / "q", backend=backend, device="cpu", dtype="float32")
+        assert max_diff(model.logits(rows), expected) <= 1e-4, backend

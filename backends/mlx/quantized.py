@@ -16,23 +16,21 @@ from mistral.weights import RawTensor
 class QuantizedLinear(nn.Module):
     """x @ W.T with W as codes, scales and biases (mx.quantized_matmul, as mlx-lm multiplies)."""
 
-    def __init__(self, t: QuantizedTensor) -> None:
+    def __init__(self, t: QuantizedTensor, dtype: mx.Dtype) -> None:
         super().__init__()
         self.q: Quantization = t.q
+        self.dtype = dtype  # of what it computes
         # Placeholders of the stored shapes (MLX is lazy: never computed), set by load_weights.
         self.weight = mx.zeros(t.packed.shape, dtype=mx.uint32)
-        self.scales = mx.zeros(t.scales.shape)
-        self.biases = mx.zeros(t.biases.shape)
+        self.scales = mx.zeros(t.scales.shape, dtype=mx.uint8 if t.biases is None else dtype)
+        if t.biases is not None:  # affine; mxfp4 has none
+            self.biases = mx.zeros(t.biases.shape)
 
     def __call__(self, x: mx.array) -> mx.array:
+        q = self.q
+        biases = self.get("biases")
         return mx.quantized_matmul(
-            x,
-            self.weight,
-            self.scales,
-            self.biases,
-            transpose=True,
-            group_size=self.q.group_size,
-            bits=self.q.bits,
+            x, self.weight, self.scales, biases, True, q.group_size, q.bits, mode=q.mode
         )
 
 
@@ -40,17 +38,23 @@ class QuantizedEmbedding(QuantizedLinear):
     """Rows of a quantized table, dequantized as they are looked up."""
 
     def __call__(self, ids: mx.array) -> mx.array:
+        q, biases = self.q, self.get("biases")
         return mx.dequantize(
             self.weight[ids],
             self.scales[ids],
-            self.biases[ids],
-            group_size=self.q.group_size,
-            bits=self.q.bits,
+            None if biases is None else biases[ids],
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+            dtype=self.dtype,
         )
 
 
 def quantize_modules(
-    model: nn.Module, tensors: Mapping[str, RawTensor | QuantizedTensor], tied: bool
+    model: nn.Module,
+    tensors: Mapping[str, RawTensor | QuantizedTensor],
+    tied: bool,
+    dtype: mx.Dtype,
 ) -> None:
     """Each module whose weight is a QuantizedTensor becomes its quantized twin (the embedding
     table, and the output projection of tied embeddings with it)."""
@@ -65,7 +69,7 @@ def quantize_modules(
         for p in parents:
             owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
         cls = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
-        setattr(owner, name, cls(t))
+        setattr(owner, name, cls(t, dtype))
 
 
 def arrays(
@@ -76,6 +80,8 @@ def arrays(
     if not isinstance(t, QuantizedTensor):
         return {name: from_raw(t).astype(dtype)}
     module = name.removesuffix(".weight")
+    if t.biases is None:  # mxfp4: the scales are exponents and stay so
+        return {name: from_raw(t.packed), f"{module}.scales": from_raw(t.scales)}
     return {
         name: from_raw(t.packed),
         f"{module}.scales": from_raw(t.scales).astype(dtype),

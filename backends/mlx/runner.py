@@ -155,7 +155,7 @@ def build(
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
     model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
-    quantize_modules(model, tensors, args.tied_embeddings)  # quantized weights stay codes
+    quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
         state |= arrays(k, t, dt, from_raw)
