@@ -215,7 +215,11 @@ def write_checkpoint(
         config = hf_config.config_from_args(args, out_dtype)
         named = list(hf.tensors_to_hf(args, tensors).items())
         if quantize is not None:  # cast first, then quantized, as mlx-lm's convert does
-            block = {"group_size": quantize.group_size, "bits": quantize.bits, "mode": "affine"}
+            block = {
+                "group_size": quantize.group_size,
+                "bits": quantize.bits,
+                "mode": quantize.mode,
+            }
             config |= {"quantization": block, "quantization_config": block}
             named = quant.quantized_items(named, quantize, dtype)
             dtype = None

@@ -219,6 +219,28 @@ def quantize(w: np.ndarray, dtype: str, q: Quantization) -> tuple[np.ndarray, Ra
     return pack(codes, bits), from_numpy(scale, dtype), from_numpy(bias, dtype)
 
 
+def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, RawTensor]:
+    """(out, in) values (as float32) -> packed E2M1 codes and uint8 exponents, bit for bit as
+    mx.quantize(mode="mxfp4"): per group of 32 the scale is 2^ceil(log2(max|w| / 6)) (an
+    all-zero group: 1), each w / scale goes to the E2M1 value nearest it, a tie to the smaller
+    magnitude, and a value that rounds to zero is +0."""
+    out, n = w.shape
+    if n % 32:
+        raise MistralError(f"{n} inputs do not split into groups of 32")
+    groups = w.astype(np.float32).reshape(out, n // 32, 32)
+    amax = np.abs(groups).max(-1)
+    with np.errstate(divide="ignore"):
+        exponent = np.ceil(np.log2(amax / np.float32(6)))
+    exponents = np.where(amax > 0, np.clip(exponent, -127, 127) + 127, 127).astype(np.uint8)
+    scale = np.ldexp(np.float32(1), exponents.astype(np.int32) - 127).astype(np.float32)
+    x = groups / scale[..., None]
+    a = np.abs(x)
+    edges = [5.0, 3.5, 2.5, 1.75, 1.25, 0.75, 0.25]  # midpoints between E2M1 magnitudes
+    codes = np.select([a > e for e in edges], [7, 6, 5, 4, 3, 2, 1], 0).astype(np.uint32)
+    codes = np.where((codes > 0) & np.signbit(x), codes | 8, codes).reshape(out, n)
+    return pack(codes, 4), RawTensor("uint8", exponents)
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """(rows, n) codes -> (rows, n * bits / 32) uint32, least significant bits first."""
     rows, n = codes.shape
@@ -238,7 +260,8 @@ class Deferred:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * (4 if self.dtype in ("float32", "uint32") else 2)
+        size = {"float32": 4, "uint32": 4, "uint8": 1}.get(self.dtype, 2)
+        return int(np.prod(self.shape)) * size
 
     @property
     def data(self) -> np.ndarray:
@@ -254,13 +277,17 @@ def quantized_items(
     out: list[tuple[str, Deferred]] = []
     made: dict[str, tuple[np.ndarray, RawTensor, RawTensor]] = {}
 
+    parts = 2 if q.mode == "mxfp4" else 3  # codes and scales, and affine's biases
+
     def part(name: str, t: RawTensor, i: int) -> Callable[[], np.ndarray]:
         def make() -> np.ndarray:
             if name not in made:
-                made[name] = quantize(cast(t, dtype).to_numpy(), dtype or t.dtype, q)
+                w = cast(t, dtype).to_numpy()
+                mx4 = q.mode == "mxfp4"
+                made[name] = quantize_mxfp4(w) if mx4 else quantize(w, dtype or t.dtype, q)
             value = made[name][i]
-            if i == 2:
-                del made[name]  # the biases are written last
+            if i == parts - 1:
+                del made[name]  # the last part is written last
             return value if isinstance(value, np.ndarray) else value.data
 
         return make
@@ -274,6 +301,8 @@ def quantized_items(
         module = name.removesuffix(".weight")
         groups = (rows, n // q.group_size)
         out.append((name, Deferred("uint32", (rows, n * q.bits // 32), part(name, t, 0))))
-        out.append((module + ".scales", Deferred(kind, groups, part(name, t, 1))))
-        out.append((module + ".biases", Deferred(kind, groups, part(name, t, 2))))
+        scales = "uint8" if q.mode == "mxfp4" else kind
+        out.append((module + ".scales", Deferred(scales, groups, part(name, t, 1))))
+        if parts == 3:
+            out.append((module + ".biases", Deferred(kind, groups, part(name, t, 2))))
     return out

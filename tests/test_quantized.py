@@ -199,8 +199,12 @@ def test_our_quantizer_writes_mlx_s_codes_bit_for_bit(bits, dtype):
         assert np.array_equal(ours[2].to_numpy(), np.array(biases.astype(mx.float32)))
 
 
-@pytest.mark.parametrize("bits, group, dtype", [(4, 64, None), (3, 32, "float32"), (8, 128, None)])
-def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype):
+@pytest.mark.parametrize(
+    "bits, group, dtype, mode",
+    [(4, 64, None, "affine"), (3, 32, "float32", "affine"), (8, 128, None, "affine"),
+     (4, 32, None, "mxfp4")],
+)  # fmt: skip
+def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype, mode):
     """`mistral convert --to mlx --quantize` on the embedded model: the same tensors, bit for bit,
     as mlx-lm's convert of the same model, a folder mlx_lm.load reads and both backends run."""
     import subprocess
@@ -219,10 +223,10 @@ def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype
         assert out.returncode == 0, out.stderr
 
     cli(str(default), str(tmp_path / "ours"), "--to", "mlx", "--quantize", str(bits),
-        "--group-size", str(group), *cast)  # fmt: skip
+        "--group-size", str(group), "--mode", mode, *cast)  # fmt: skip
     cli(str(default), str(tmp_path / "hf"), "--to", "hf")
     convert(str(tmp_path / "hf"), str(tmp_path / "theirs"), quantize=True, q_bits=bits,
-            q_group_size=group, dtype=dtype)  # fmt: skip
+            q_group_size=group, q_mode=mode, dtype=dtype)  # fmt: skip
     ours = read_tensors(tmp_path / "ours" / "model.safetensors")
     theirs = {}
     for f in (tmp_path / "theirs").glob("model*.safetensors"):
@@ -231,7 +235,7 @@ def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype
     for name, t in ours.items():
         assert t.dtype == theirs[name].dtype and np.array_equal(t.data, theirs[name].data), name
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["quantization"] == {"group_size": group, "bits": bits, "mode": "affine"}
+    assert config["quantization"] == {"group_size": group, "bits": bits, "mode": mode}
     rows = [Tokenizer(TOKENIZER).encode("And it came to pass")]
     expected = None
     for backend in ("torch", "mlx"):
@@ -250,7 +254,7 @@ def test_quantize_asks_for_mlx_s_layout_and_sane_bits(tmp_path):
         (["--to", "hf", "--quantize", "4"], "--quantize writes mlx-lm's layout"),
         (["--to", "mlx", "--quantize", "7"], "7 bits"),
         (["--to", "mlx", "--quantize", "4", "--group-size", "48"], "groups of 48"),
-        (["--to", "mlx", "--quantize", "4", "--mode", "mxfp4"], "not written yet"),
+        (["--to", "mlx", "--quantize", "3", "--mode", "mxfp4"], "mxfp4 is 4 bits"),
     ):
         run = [sys.executable, "-m", "mistral", "convert", default, str(tmp_path / "x"), *argv]
         out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
@@ -293,3 +297,22 @@ def test_both_backends_match_mlx_lm_on_an_mxfp4_folder(tmp_path):
     for backend in ("torch", "mlx"):
         model = mistral.load(tmp_path / "q", backend=backend, device="cpu", dtype="float32")
         assert max_diff(model.logits(rows), expected) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_our_mxfp4_quantizer_writes_mlx_s_codes_bit_for_bit(dtype):
+    """Ties (frequent in bfloat16) go to the smaller magnitude, a negative that rounds to zero
+    is +0, an all-zero group gets the exponent of 1: as mx.quantize."""
+    import mlx.core as mx
+
+    from mistral.quant import quantize_mxfp4
+
+    rng = np.random.default_rng(11)
+    for scale in (0.001, 1.0, 100.0):
+        w = rng.standard_normal((12, 256), dtype=np.float32) * scale
+        w[0, :32] = 0.0
+        w = mx.array(w).astype(getattr(mx, dtype))
+        packed, exponents = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+        ours = quantize_mxfp4(np.array(w.astype(mx.float32)))
+        assert np.array_equal(ours[0], np.array(packed)), (scale, dtype)
+        assert np.array_equal(ours[1].data, np.array(exponents)), (scale, dtype)

@@ -118,17 +118,18 @@ class Convert:
     quantize: int | None = None
     """With --to mlx: quantize the weights to this many bits (2, 3, 4, 5, 6 or 8), affine, the
     same packed codes that mlx-lm's own convert writes from the same model."""
-    group_size: int = 64
-    """With --quantize: inputs per group of one scale and bias (32, 64 or 128)."""
+    group_size: int | None = None
+    """With --quantize: inputs per group of one scale (32, 64 or 128). Default: 64 (affine), 32
+    (mxfp4)."""
     mode: str = sp.choice("affine", "mxfp4", default="affine")
-    """With --quantize: affine (codes, scales and biases); mxfp4 is not written yet."""
+    """With --quantize: affine (codes, scales and biases) or mxfp4 (4-bit E2M1 codes, a power of
+    two per group of 32)."""
 
     def run(self) -> None:
         q = None
         if self.quantize is not None:
-            if self.mode != "affine":
-                raise MistralError(f"--mode {self.mode} is not written yet: use affine")
-            q = Quantization(self.quantize, self.group_size)
+            group = self.group_size or (32 if self.mode == "mxfp4" else 64)
+            q = Quantization(self.quantize, group, self.mode)
         ckpt = read_checkpoint(self.src)
         # Checked before anything is written: the tensors the spec needs, the tokenizer files.
         check_tensors(ckpt.args, {k: t.shape for k, t in ckpt.tensors.items()}, str(ckpt.path))
