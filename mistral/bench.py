@@ -37,6 +37,7 @@ from mistral.api import Model, from_tensors
 from mistral.args import ModelArgs
 from mistral.contract import REFERENCES, backend, reference
 from mistral.measure import Meter, Timing, cpu_cores, held_now, timed_run
+from mistral.quant import QuantizedTensor
 from mistral.weights import RawTensor
 
 SPREAD = 2.0  # repeats of a figure spread wider than this (max / min) make its ratio unreliable
@@ -98,7 +99,8 @@ def decode_bytes(
     """Bytes one decode step reads: the weights it uses and the KV cache in use."""
     total = 0
     for name, t in tensors.items():
-        n = int(np.prod(t.shape)) * dtype_bytes
+        # A quantized weight is read as it is stored: its codes, scales and biases.
+        n = t.nbytes if isinstance(t, QuantizedTensor) else int(np.prod(t.shape)) * dtype_bytes
         if name == "tok_embeddings.weight" and not args.tied_embeddings:
             n = t.shape[1] * dtype_bytes * batch  # one row per token (tied: the output's weight)
         elif ".experts." in name and args.moe:
