@@ -316,3 +316,14 @@ def test_our_mxfp4_quantizer_writes_mlx_s_codes_bit_for_bit(dtype):
         ours = quantize_mxfp4(np.array(w.astype(mx.float32)))
         assert np.array_equal(ours[0], np.array(packed)), (scale, dtype)
         assert np.array_equal(ours[1].data, np.array(exponents)), (scale, dtype)
+
+
+def test_info_says_how_the_weights_are_quantized(quantized):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "mistral", "info", str(quantized)]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr
+    n = sum(isinstance(t, QuantizedTensor) for t in read_checkpoint(quantized).tensors.values())
+    assert f"quantized     {n} weights 4-bit affine, groups of 32" in out.stdout

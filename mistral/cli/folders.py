@@ -18,7 +18,7 @@ from mistral.chat import template_version
 from mistral.checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
 from mistral.hf_tokenizer import tokenizer_files
-from mistral.quant import Quantization
+from mistral.quant import Quantization, QuantizedTensor
 from mistral.tokenizer import Tokenizer
 from mistral.weights import cast_nbytes, check_tensors
 
@@ -45,6 +45,7 @@ class Info:
             "parameters": params,
             "dtype": ",".join(dtypes),
             "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+            "quantization": quantization_of(ckpt.tensors),
             "tokenizer": None,
         }
         if ckpt.tokenizer_path:
@@ -69,12 +70,24 @@ class Info:
         print(f"  rope          {describe_rope(a)}")
         print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
         print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
+        for kind, n in info["quantization"].items():
+            print(f"  quantized     {n} weights {kind}")
         t = info["tokenizer"]
         if t:
             tokens = f"{t['vocab_size']} tokens, chat template {t['chat_template']}"
             print(f"  tokenizer     {t['file']}, {tokens}")
         else:
             print("  tokenizer     none found")
+
+
+def quantization_of(tensors: dict) -> dict[str, int]:
+    """How many weights are quantized how: {"4-bit affine, groups of 64": 29, ...}."""
+    kinds = [
+        f"{t.q.bits}-bit {t.q.mode}, groups of {t.q.group_size}"
+        for t in tensors.values()
+        if isinstance(t, QuantizedTensor)
+    ]
+    return {k: kinds.count(k) for k in sorted(set(kinds))}
 
 
 def describe_windows(windows: list[int | None]) -> str:
