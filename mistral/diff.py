@@ -18,17 +18,22 @@ from mistral.api import Model, from_tensors
 from mistral.checkpoint import Checkpoint
 from mistral.contract import REFERENCES, reference
 from mistral.errors import MistralError
+from mistral.quant import QuantizedTensor
 from mistral.taps import kind, layer
 from mistral.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # matplotlib is imported only to draw
     from matplotlib.figure import Figure
 
-# Relative error allowed per tap, by the coarser dtype of the two sides.
-TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+# Relative error allowed per tap, by the coarser precision of the two sides: its dtype, or how its
+# folder's weights are quantized (measured on the embedded model against its bfloat16 weights, the
+# largest tap error: 8-bit 0.017, 4-bit 0.18, mxfp4 0.27, 3-bit 0.48; 6, 5 and 2 bits in between).
+TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2, "8-bit": 5e-2, "6-bit": 0.1}
+TOLERANCE |= {"5-bit": 0.2, "4-bit": 0.4, "mxfp4": 0.6, "3-bit": 1.0, "2-bit": 2.0}
 # Fraction of tokens whose chosen experts may differ (near-ties flip in half precision).
-EXPERT_TOLERANCE = {"float32": 0.0, "float16": 0.05, "bfloat16": 0.1}
-COARSENESS = ["float32", "float16", "bfloat16"]
+EXPERT_TOLERANCE = {"float32": 0.0, "float16": 0.05, "bfloat16": 0.1, "8-bit": 0.1, "6-bit": 0.15}
+EXPERT_TOLERANCE |= {"5-bit": 0.2, "4-bit": 0.25, "mxfp4": 0.3, "3-bit": 0.4, "2-bit": 0.5}
+COARSENESS = list(TOLERANCE)
 
 
 class Side(Protocol):
@@ -78,6 +83,16 @@ def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
             from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
         )
     return f"{backend}:{side.device}:{side.dtype}", side
+
+
+def precision_of(ckpt: Checkpoint, dtype: str) -> str:
+    """A side's precision for the tolerance: its dtype, or its folder's coarsest quantization."""
+    names = [
+        "mxfp4" if t.q.mode == "mxfp4" else f"{t.q.bits}-bit"
+        for t in ckpt.tensors.values()
+        if isinstance(t, QuantizedTensor)
+    ]
+    return max([dtype, *names], key=COARSENESS.index)
 
 
 def tolerance_for(dtype_a: str, dtype_b: str, table: dict[str, float] = TOLERANCE) -> float:
@@ -299,6 +314,7 @@ def run_diff(
     tokens: list[int],
     generate: int = 0,
     decode: Decode | None = None,
+    precisions: tuple[str, str] | None = None,
 ) -> Report:
     """The whole report. With ``generate`` both sides decode greedily first, and the taps
     compared are those of the step where their tokens first differ (or of the last step), as
@@ -307,13 +323,14 @@ def run_diff(
     prefix and the logits their cached step drew from. (An uncached trace of the prefix alone
     rounds differently from cached steps: at a near-tie it can pick one token on both sides.)"""
     (name_a, a), (name_b, b) = side_a, side_b
+    pa, pb = precisions or (a.dtype, b.dtype)  # a quantized folder: its bits (precision_of)
     if generate <= 0:
-        return compare(a.trace(tokens), b.trace(tokens), name_a, name_b, a.dtype, b.dtype, tokens)
+        return compare(a.trace(tokens), b.trace(tokens), name_a, name_b, pa, pb, tokens)
     generation = greedy_split(a, b, tokens, generate, decode)
     at = generation["first_difference"]
     prefix = generation["a"][: generate - 1 if at is None else at]
     ta, tb = a.step_taps(tokens, prefix), b.step_taps(tokens, prefix)
-    report = compare(ta, tb, name_a, name_b, a.dtype, b.dtype, tokens + prefix)
+    report = compare(ta, tb, name_a, name_b, pa, pb, tokens + prefix)
     report.generation = generation
     return report
 

@@ -327,3 +327,46 @@ def test_info_says_how_the_weights_are_quantized(quantized):
     assert out.returncode == 0, out.stderr
     n = sum(isinstance(t, QuantizedTensor) for t in read_checkpoint(quantized).tensors.values())
     assert f"quantized     {n} weights 4-bit affine, groups of 32" in out.stdout
+
+
+def test_diff_holds_a_quantized_side_to_its_bits(tmp_path):
+    """Full precision against its own 4-bit conversion agrees within the 4-bit tolerance; a
+    layer whose scales were spoiled is named."""
+    import dataclasses as dc
+    import subprocess
+    import sys
+
+    from mistral.diff import load_side, precision_of, run_diff
+
+    default = ROOT / "mistral" / "default_model"
+    run = [sys.executable, "-m", "mistral", "convert", str(default), str(tmp_path / "q4"),
+           "--to", "mlx", "--quantize", "4"]  # fmt: skip
+    assert subprocess.run(run, capture_output=True, cwd=ROOT, check=False).returncode == 0
+    full, q4 = read_checkpoint(default), read_checkpoint(tmp_path / "q4")
+    tokens = Tokenizer(TOKENIZER).encode("And it came to pass, when the LORD had made an end")
+    a = load_side("torch:cpu:float32", full)
+    precisions = ("float32", precision_of(q4, "float32"))
+    assert precisions[1] == "4-bit"
+    report = run_diff(a, load_side("torch:cpu:float32", q4), tokens, precisions=precisions)
+    assert report.agree, report.table()
+    assert max(t.rel for t in report.taps) > 1e-2  # the 4-bit error is there, and allowed
+    t = q4.tensors["layers.2.attention.wo.weight"]
+    spoiled = dc.replace(t, scales=from_numpy(t.scales.to_numpy() * 8, t.scales.dtype))
+    bad = dc.replace(q4, tensors={**q4.tensors, "layers.2.attention.wo.weight": spoiled})
+    report = run_diff(a, load_side("torch:cpu:float32", bad), tokens, precisions=precisions)
+    assert not report.agree and report.first_divergence == "layers.2.attention"
+
+
+def test_the_mlx_lm_reference_holds_a_quantized_folder_as_mlx_lm_loads_it(quantized):
+    """diff and bench --compare mlx-lm on a quantized folder: the reference quantizes its layers
+    as mlx-lm's load does and agrees with mlx-lm's own model and with ours."""
+    from mlx_lm import load
+
+    from mistral.contract import reference
+
+    ckpt = read_checkpoint(quantized)
+    tokens = random_rows([20], BASE.vocab_size, 4)[0]
+    ref = reference("mlx-lm", ckpt.args, ckpt.tensors, "cpu", "float32").trace(tokens)["logits"]
+    theirs = mlx_lm_logits(load(str(quantized))[0], [tokens])[0]
+    ours = mistral.load(quantized, backend="mlx", device="cpu", dtype="float32").logits([tokens])
+    assert max_diff([ref], [theirs]) <= 1e-5 and max_diff([ref], ours) <= 1e-4

@@ -18,12 +18,14 @@ import mlx.nn as nn
 import numpy as np
 
 from backends.mlx.measure import Meter
-from backends.mlx.runner import dtype_name, resolve_device, resolve_dtype
+from backends.mlx.quantized import arrays
+from backends.mlx.runner import dtype_name, from_raw, resolve_device, resolve_dtype
 from mistral import hf, hf_config
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.hf import halves_to_pairs
 from mistral.measure import Timing, timed_run
+from mistral.quant import Quantization, QuantizedTensor
 from mistral.taps import chosen_experts
 from mistral.weights import RawTensor
 
@@ -50,6 +52,12 @@ class Tapped(nn.Module):
         if self.returns is not None:
             self.keep(self.returns, y)
         return y
+
+
+def quantized_as(layers: dict[str, Quantization], path: str) -> dict | bool:
+    """nn.quantize's choice for a module: its weight's quantization, or none."""
+    q = layers.get(path)
+    return False if q is None else {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
 
 
 class MlxLmReference:
@@ -79,9 +87,15 @@ class MlxLmReference:
         self.dtype = dtype_name(dt)
         self.meter = Meter(args, device, dtype)
         self.model = family.Model(family.ModelArgs.from_dict(config))
-        weights = {
-            k: mx.array(t.to_numpy()).astype(dt) for k, t in hf.tensors_to_hf(args, tensors).items()
-        }
+        weights, layers = {}, {}
+        for name, t in hf.tensors_to_hf(args, tensors).items():
+            if isinstance(t, QuantizedTensor):  # as mlx-lm's load: its layers quantized first
+                layers[name.removesuffix(".weight")] = t.q
+                weights |= arrays(name, t, dt, from_raw)
+            else:
+                weights[name] = mx.array(t.to_numpy()).astype(dt)
+        if layers:
+            nn.quantize(self.model, class_predicate=lambda path, _: quantized_as(layers, path))
         self.model.load_weights(list(self.model.sanitize(weights).items()), strict=True)
         mx.eval(self.model.parameters())
 

@@ -16,7 +16,7 @@ from mistral.bench_report import format_report
 from mistral.bench_report import plot as plot_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
 from mistral.contract import BACKENDS
-from mistral.diff import continuation, load_side, run_diff
+from mistral.diff import continuation, load_side, precision_of, run_diff
 from mistral.diff import plot as plot_diff
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
@@ -101,7 +101,8 @@ class Diff:
         ids = self.token_ids(tokenizer, ckpt_a)
         decode = continuation(tokenizer) if tokenizer is not None else None
         side_a, side_b = load_side(self.a, ckpt_a), load_side(self.b, ckpt_b)
-        report = run_diff(side_a, side_b, ids, self.generate, decode)
+        precisions = (precision_of(ckpt_a, side_a[1].dtype), precision_of(ckpt_b, side_b[1].dtype))
+        report = run_diff(side_a, side_b, ids, self.generate, decode, precisions)
         report.a_model, report.b_model = str(ckpt_a.path), str(ckpt_b.path)
         print(report.table())
         if self.json:
