@@ -36,6 +36,7 @@ import numpy as np
 from mistral.api import Model, from_tensors
 from mistral.args import ModelArgs
 from mistral.contract import REFERENCES, backend, reference
+from mistral.fp8 import FP8Tensor
 from mistral.measure import Meter, Timing, cpu_cores, held_now, timed_run
 from mistral.quant import QuantizedTensor
 from mistral.weights import RawTensor
@@ -100,7 +101,8 @@ def decode_bytes(
     total = 0
     for name, t in tensors.items():
         # A quantized weight is read as it is stored: its codes, scales and biases.
-        n = t.nbytes if isinstance(t, QuantizedTensor) else int(np.prod(t.shape)) * dtype_bytes
+        stored = isinstance(t, QuantizedTensor | FP8Tensor)
+        n = t.nbytes if stored else int(np.prod(t.shape)) * dtype_bytes
         if name == "tok_embeddings.weight" and not args.tied_embeddings:
             n = t.shape[1] * dtype_bytes * batch  # one row per token (tied: the output's weight)
         elif ".experts." in name and args.moe:

@@ -25,6 +25,7 @@ from mistral import hf, hf_config, hub, quant
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
+from mistral.fp8 import FP8Tensor, fp8_block
 from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
 from mistral.quant import Quantization, QuantizedTensor
@@ -130,9 +131,9 @@ def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
     args = hf_config.args_from_config(config, str(path / "config.json"))
     raw = read_safetensors_set(path, "model")
     quantization = config.get("quantization")  # mlx-lm's (it writes quantization_config too)
-    tensors = hf.tensors_from_hf(
-        args, raw, str(path), hf_config.is_multimodal(config), quantization
-    )
+    fp8 = fp8_block(config.get("quantization_config"), str(path / "config.json"))
+    multimodal = hf_config.is_multimodal(config)
+    tensors = hf.tensors_from_hf(args, raw, str(path), multimodal, quantization, fp8)
     if args.tied_embeddings and "output.weight" in tensors:  # as transformers: the stored one
         args = dataclasses.replace(args, tied_embeddings=False)
     return args, tensors
@@ -202,7 +203,7 @@ def write_checkpoint(
     mlx-lm's layout, affine-quantized as mlx-lm quantizes if ``quantize`` is given)."""
     if fmt not in FORMATS:
         raise MistralError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
-    if any(isinstance(t, QuantizedTensor) for t in tensors.values()):
+    if any(isinstance(t, QuantizedTensor | FP8Tensor) for t in tensors.values()):
         raise MistralError("the weights are quantized: converting them is not supported yet")
     if dtype is not None and dtype not in DTYPES:
         raise MistralError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")

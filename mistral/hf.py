@@ -16,6 +16,7 @@ import numpy as np
 from mistral import quant
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor, gather_fp8
 from mistral.quant import QuantizedTensor
 from mistral.weights import RawTensor
 
@@ -126,11 +127,14 @@ def tensors_from_hf(
     source: str,
     multimodal: bool = False,
     quantization: dict[str, Any] | None = None,
-) -> dict[str, RawTensor | QuantizedTensor]:
+    fp8: tuple[int, int] | None = None,
+) -> dict[str, RawTensor | QuantizedTensor | FP8Tensor]:
     """Renames HF tensors to checkpoint keys and un-permutes wq/wk (lazily); of a mistral3
     folder (``multimodal``), the text decoder's; of an mlx-lm quantized folder (its config's
     ``quantization``), each packed weight with its scales and biases as one QuantizedTensor."""
-    if quantization is not None:
+    if fp8 is not None:  # Hugging Face's FP8: e4m3 codes with a weight_scale_inv per block
+        tensors = gather_fp8(dict(tensors), fp8, source)
+    elif quantization is not None:
         default, layers = quant.config_quantization(quantization, source)
         tensors = quant.gather(dict(tensors), default, layers, source)
     elif any(k.endswith((".scales", ".biases")) for k in tensors):

@@ -20,6 +20,7 @@ _CODES = {
     "BF16": ("bfloat16", np.uint16),
     "U32": ("uint32", np.uint32),  # packed quantized codes (mistral/quant.py)
     "U8": ("uint8", np.uint8),  # mxfp4's scales
+    "F8_E4M3": ("float8_e4m3", np.uint8),  # FP8 checkpoints' codes (mistral/fp8.py)
 }
 _NAMES = {name: code for code, (name, _) in _CODES.items()}
 _MAX_HEADER = 100 * 1024 * 1024

@@ -17,6 +17,7 @@ from mistral.measure import cpu_cores
 DTYPES = ("float32", "float16", "bfloat16")
 PACKED = "uint32"
 EXPONENTS = "uint8"  # mxfp4's per-group scales, powers of two
+FP8 = "float8_e4m3"  # codes of FP8 checkpoints (mistral/fp8.py), their bytes
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class RawTensor:
     rows: np.ndarray | None = None  # data = source[rows]
 
     def __post_init__(self) -> None:
-        if self.dtype not in (*DTYPES, PACKED, EXPONENTS):
+        if self.dtype not in (*DTYPES, PACKED, EXPONENTS, FP8):
             raise MistralError(f"unsupported dtype {self.dtype}; use one of {', '.join(DTYPES)}")
 
     @property
@@ -79,7 +80,7 @@ def cast(t: RawTensor, dtype: str | None) -> RawTensor:
     """``t`` in ``dtype``; unchanged, bit for bit, when it already is (or dtype is None)."""
     if dtype is None or dtype == t.dtype:
         return t
-    if t.dtype in (PACKED, EXPONENTS):
+    if t.dtype in (PACKED, EXPONENTS, FP8):
         raise MistralError("quantized codes cannot be cast: dequantize them first")
     return from_numpy(t.to_numpy(), dtype)
 
@@ -87,7 +88,7 @@ def cast(t: RawTensor, dtype: str | None) -> RawTensor:
 def cast_nbytes(t: RawTensor, dtype: str | None) -> int:
     """The size ``t`` will have once cast to ``dtype``."""
     kind = dtype or t.dtype
-    itemsize = 4 if kind in ("float32", PACKED) else 1 if kind == EXPONENTS else 2
+    itemsize = 4 if kind in ("float32", PACKED) else 1 if kind in (EXPONENTS, FP8) else 2
     return int(np.prod(t.shape, dtype=np.int64)) * itemsize
 
 

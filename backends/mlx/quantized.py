@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor
 from mistral.quant import Quantization, QuantizedTensor
 from mistral.weights import RawTensor
 
@@ -77,6 +78,8 @@ def arrays(
 ) -> dict[str, mx.array]:
     """The module's arrays of one tensor: a weight in the run's dtype, or codes as they are
     with their scales and biases in the run's dtype."""
+    if isinstance(t, FP8Tensor):  # FP8 checkpoints: dequantized at load, as torch does
+        t = t.dequantized("float32")
     if not isinstance(t, QuantizedTensor):
         return {name: from_raw(t).astype(dtype)}
     module = name.removesuffix(".weight")

@@ -15,6 +15,7 @@ from backends.torch.model import Linear, Transformer
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
@@ -83,8 +84,8 @@ def from_raw(t: RawTensor) -> torch.Tensor:
     return torch.from_numpy(data)
 
 
-def dequantized(t: RawTensor | QuantizedTensor, dtype: str) -> RawTensor:
-    return t.dequantized(dtype) if isinstance(t, QuantizedTensor) else t
+def dequantized(t: RawTensor | QuantizedTensor | FP8Tensor, dtype: str) -> RawTensor:
+    return t.dequantized(dtype) if isinstance(t, QuantizedTensor | FP8Tensor) else t
 
 
 class Runner:

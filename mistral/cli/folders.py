@@ -17,6 +17,7 @@ from mistral.args import ModelArgs
 from mistral.chat import template_version
 from mistral.checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor
 from mistral.hf_tokenizer import tokenizer_files
 from mistral.quant import Quantization, QuantizedTensor
 from mistral.tokenizer import Tokenizer
@@ -86,6 +87,11 @@ def quantization_of(tensors: dict) -> dict[str, int]:
         f"{t.q.bits}-bit {t.q.mode}, groups of {t.q.group_size}"
         for t in tensors.values()
         if isinstance(t, QuantizedTensor)
+    ]
+    kinds += [
+        f"fp8 e4m3, blocks of {min(t.block[0], t.shape[0])}x{min(t.block[1], t.shape[1])}"
+        for t in tensors.values()
+        if isinstance(t, FP8Tensor)
     ]
     return {k: kinds.count(k) for k in sorted(set(kinds))}
 

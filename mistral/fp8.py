@@ -1,0 +1,111 @@
+"""FP8 weights as Hugging Face's block-quantized checkpoints store them (DeepSeek-V3, Mistral
+Large 3, Devstral 2): float8 e4m3 codes and a float32 inverse scale per block of 128 x 128
+(``quantization_config``: quant_method fp8, weight_block_size), dequantized at load.
+
+E4M3 (the "fn" variant: no infinities): sign, 4 exponent bits with bias 7, 3 mantissa bits;
+exponent 0 is subnormal (2^-6 * m / 8), S.1111.111 is NaN, the largest value 448. A weight is
+``e4m3(code) * scale_inv[row // 128, col // 128]`` in float32, then the run's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from mistral.errors import MistralError
+from mistral.weights import RawTensor, from_numpy
+
+
+def e4m3_table() -> np.ndarray:
+    """(256,) float32: the value of every e4m3 byte."""
+    b = np.arange(256)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exponent, mantissa = (b >> 3) & 0xF, b & 0x7
+    normal = (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+    values = sign * np.where(exponent == 0, mantissa / 8 * 2.0**-6, normal)
+    values[(b & 0x7F) == 0x7F] = np.nan
+    return values.astype(np.float32)
+
+
+E4M3 = e4m3_table()
+
+
+@dataclass(frozen=True)
+class FP8Tensor:
+    """A weight as e4m3 codes with an inverse scale per block; ``rows`` reorders its rows after
+    dequantizing (HF's wq/wk: a reordered row would leave its block)."""
+
+    codes: RawTensor  # "float8_e4m3" (its bytes), (out, in)
+    scale_inv: RawTensor  # float32, (ceil(out / block[0]), ceil(in / block[1]))
+    block: tuple[int, int]
+    rows: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16"  # what the checkpoints' other tensors are
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale_inv.nbytes
+
+    def reorder_rows(self, order: np.ndarray) -> FP8Tensor:
+        return replace(self, rows=order if self.rows is None else self.rows[order])
+
+    def dequantized(self, dtype: str | None = None) -> RawTensor:
+        """The weight in ``dtype`` (default bfloat16): codes times their block's scale in
+        float32, rounded once to the dtype."""
+        out, n = self.shape
+        bo, bi = self.block
+        scale = self.scale_inv.to_numpy().astype(np.float32)
+        scale = np.repeat(np.repeat(scale, bo, axis=0)[:out], bi, axis=1)[:, :n]
+        w = E4M3[self.codes.data] * scale
+        return from_numpy(w if self.rows is None else w[self.rows], dtype or self.dtype)
+
+
+def fp8_block(config: Any, source: str) -> tuple[int, int] | None:
+    """The block size of a config's ``quantization_config`` of quant_method fp8, else None."""
+    if not isinstance(config, dict) or config.get("quant_method") != "fp8":
+        return None
+    if config.get("activation_scheme", "dynamic") != "dynamic":
+        raise MistralError(f"{source}: fp8 with static activation scales is not supported yet")
+    block = config.get("weight_block_size") or [None, None]
+    if not (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(b is None or (type(b) is int and b > 0) for b in block)
+    ):
+        raise MistralError(f"{source}: weight_block_size must be two positive integers")
+    return block[0] or 1 << 62, block[1] or 1 << 62  # none: one scale for the whole weight
+
+
+def gather_fp8(
+    tensors: dict[str, RawTensor], block: tuple[int, int], source: str
+) -> dict[str, Any]:
+    """Each e4m3 ``<module>.weight`` with its ``.weight_scale_inv`` as one FP8Tensor, checked."""
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale_inv"):
+            weight = name.removesuffix("_scale_inv")
+            if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
+                raise MistralError(f"{source}: {name} scales no float8 weight")
+            continue
+        if t.dtype != "float8_e4m3":
+            out[name] = t
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        if scale is not None and scale.shape in ((), (1,)):  # one scale for the whole weight
+            scale, block = RawTensor(scale.dtype, scale.data.reshape(1, 1)), (1 << 62, 1 << 62)
+        if scale is None or len(t.shape) != 2 or scale.dtype != "float32":
+            raise MistralError(f"{source}: {name} is float8 without its float32 weight_scale_inv")
+        bo, bi = min(block[0], t.shape[0]), min(block[1], t.shape[1])
+        want = (-(-t.shape[0] // bo), -(-t.shape[1] // bi))
+        if tuple(scale.shape) != want:
+            raise MistralError(f"{source}: {name}'s scales {scale.shape} are not {want} blocks")
+        out[name] = FP8Tensor(t, scale, (bo, bi))
+    return out

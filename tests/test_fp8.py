@@ -1,0 +1,116 @@
+"""Hugging Face's block-quantized FP8 checkpoints (float8 e4m3 codes, a weight_scale_inv per block
+of 128 x 128): read, dequantized as torch decodes e4m3, and run on both backends."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral import hf, hf_config
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.fp8 import E4M3, FP8Tensor
+from mistral.safetensors_file import write_tensors
+from mistral.weights import RawTensor, from_numpy, random_weights
+from tests.helpers import max_diff, random_rows, tiny
+
+
+def test_the_e4m3_table_is_torchs():
+    import torch
+
+    theirs = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(np.isnan(E4M3), np.isnan(theirs))
+    assert np.array_equal(E4M3[~np.isnan(E4M3)], theirs[~np.isnan(theirs)])
+
+
+def fp8_folder(path, args, block: int = 32):
+    """An FP8 folder made as DeepSeek-V3's are: each 2-D projection's blocks scaled to e4m3's
+    range (448), the codes cast by torch; returns the weights as torch dequantizes them."""
+    import torch
+
+    tensors = hf.tensors_to_hf(args, random_weights(args, seed=2))
+    stored, expected = {}, {}
+    for name, t in tensors.items():
+        w = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        if w.ndim != 2 or "embed" in name or "lm_head" in name:
+            stored[name], expected[name] = t, w.numpy()
+            continue
+        rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+        padded = torch.zeros(rows * block, cols * block)
+        padded[: w.shape[0], : w.shape[1]] = w
+        blocks = padded.view(rows, block, cols, block)
+        scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12)  # (rows, cols)
+        full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        full = full[: w.shape[0], : w.shape[1]]
+        codes = (w / full).to(torch.float8_e4m3fn)
+        stored[name] = RawTensor("float8_e4m3", codes.view(torch.uint8).numpy())
+        stored[name + "_scale_inv"] = from_numpy(scale.numpy())
+        expected[name] = (codes.float() * full).numpy()
+    path.mkdir()
+    write_tensors(path / "model.safetensors", list(stored.items()))
+    config = hf_config.config_from_args(args, "float32")
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block, block],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return {k: from_numpy(v) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_an_fp8_folder_runs_as_its_dequantized_weights(tmp_path, backend):
+    args = tiny("tiny-window")
+    expected = fp8_folder(tmp_path / "fp8", args)
+    ckpt = read_checkpoint(tmp_path / "fp8")
+    assert isinstance(ckpt.tensors["layers.0.attention.wq.weight"], FP8Tensor)
+    write_checkpoint(tmp_path / "ref", "hf", args, hf.tensors_from_hf(args, expected, "ref"))
+    rows = random_rows([args.sliding_window + 7, 9], args.vocab_size, 3)
+    ours = mistral.load(tmp_path / "fp8", backend=backend, device="cpu", dtype="float32")
+    ref = mistral.load(tmp_path / "ref", backend=backend, device="cpu", dtype="float32")
+    assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0  # the same weights, bit for bit
+    plain = mistral.from_tensors(args, random_weights(args, seed=2), backend, "cpu", "float32")
+    assert max_diff(ours.logits(rows), plain.logits(rows)) > 1e-4  # and e4m3 did round them
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c, t: c["quantization_config"].update(activation_scheme="static"), "static"),
+        (lambda c, t: c["quantization_config"].update(weight_block_size=[0, 32]), "two positive"),
+        (lambda c, t: t.pop("model.layers.0.self_attn.q_proj.weight_scale_inv"), "without its"),
+        (
+            lambda c, t: t.update(
+                {
+                    "model.layers.0.self_attn.q_proj.weight_scale_inv": from_numpy(
+                        np.ones((1, 1), np.float32)
+                    )
+                }
+            ),
+            "blocks",
+        ),
+        (
+            lambda c, t: t.update(
+                {"model.norm.weight_scale_inv": from_numpy(np.ones(1, np.float32))}
+            ),
+            "scales",
+        ),
+    ],
+)
+def test_hostile_fp8_folders_are_one_line(tmp_path, change, message):
+    from mistral.safetensors_file import read_tensors
+
+    args = tiny("tiny-dense")
+    fp8_folder(tmp_path / "f", args)
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    tensors = dict(read_tensors(tmp_path / "f" / "model.safetensors"))
+    change(config, tensors)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.json").write_text(json.dumps(config))
+    items = [(k, RawTensor(t.dtype, np.array(t.source))) for k, t in tensors.items()]
+    write_tensors(tmp_path / "g" / "model.safetensors", items)
+    with pytest.raises(mistral.MistralError, match=message) as e:
+        read_checkpoint(tmp_path / "g")
+    assert "\n" not in str(e.value)
