@@ -114,3 +114,15 @@ def test_hostile_fp8_folders_are_one_line(tmp_path, change, message):
     with pytest.raises(mistral.MistralError, match=message) as e:
         read_checkpoint(tmp_path / "g")
     assert "\n" not in str(e.value)
+
+
+def test_info_shows_the_fp8_weights(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    fp8_folder(tmp_path / "f", tiny("tiny-dense"))
+    run = [sys.executable, "-m", "mistral", "info", str(tmp_path / "f")]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0 and "fp8 e4m3, blocks of 32x32" in out.stdout, out.stderr
