@@ -213,9 +213,10 @@ def from_tensors(
     source: str = "tensors",
     compile: bool = False,
     tokenizer: Tokenizer | None = None,
+    parallel: str | None = None,
 ) -> Model:
     """A Model from in-memory tensors named by checkpoint keys (e.g. ``weights.random_weights``)."""
-    runner = build(backend, args, tensors, device, dtype, source, compile)
+    runner = build(backend, args, tensors, device, dtype, source, compile, parallel)
     return Model(runner, backend, tokenizer, source)
 
 
@@ -226,10 +227,13 @@ def load(
     dtype: str | None = None,
     compile: bool = False,
     tokenizer: str | Path | None = None,
+    parallel: str | None = None,
 ) -> Model:
     """Loads a model folder (None: the embedded model) with its tokenizer; device and dtype are
     strings ("cuda:1", "bfloat16"), None = the best available. ``compile`` (torch) compiles the
-    static-shape decode step, a CUDA graph on CUDA. ``tokenizer`` overrides the folder's."""
+    static-shape decode step, a CUDA graph on CUDA. ``tokenizer`` overrides the folder's.
+    ``parallel="tensor"`` in a process started by torchrun: this rank's share of the model
+    (heads and hidden units split, mistral/parallel.py), every rank returning the same logits."""
     ckpt = read_checkpoint(DEFAULT_MODEL if path is None else path)
     tok_path = tokenizer or ckpt.tokenizer_path
     tok = None if tok_path is None else Tokenizer(tok_path)
@@ -239,4 +243,6 @@ def load(
             f"{ckpt.args.vocab_size}: they do not belong together"
         )
     source = str(ckpt.path)
-    return from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, source, compile, tok)
+    return from_tensors(
+        ckpt.args, ckpt.tensors, backend, device, dtype, source, compile, tok, parallel
+    )

@@ -19,6 +19,7 @@ from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window
 from mistral.errors import MistralError
 from mistral.measure import Meter, Timing
+from mistral.parallel import KINDS
 from mistral.weights import RawTensor, check_tensors
 
 BACKENDS = ("torch", "mlx")  # each is also the name of the framework it imports
@@ -89,9 +90,12 @@ class Backend(Protocol):
         device: str | None,
         dtype: str | None,
         compile: bool,
+        parallel: str | None,
     ) -> Runner:
         """The model on a device ("cuda:1", "cpu"; None = the best) and dtype (None = the
-        device's best); tensors are named by checkpoint keys and already checked."""
+        device's best); tensors are named by checkpoint keys and already checked. ``parallel``
+        "tensor": this process's share of a model split over the launcher's ranks
+        (mistral/parallel.py), every rank giving the same logits."""
         ...
 
     def meter(self, args: ModelArgs, device: str | None, dtype: str | None) -> Meter:
@@ -129,10 +133,13 @@ def build(
     dtype: str | None,
     source: str,
     compile: bool = False,
+    parallel: str | None = None,
 ) -> Runner:
     """Checks the tensors against the spec, then hands them to the backend."""
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
-    return backend(name).build(args, tensors, device, dtype, compile)
+    if parallel is not None and parallel not in KINDS:
+        raise MistralError(f"unknown parallel {parallel!r}: use {' or '.join(KINDS)}")
+    return backend(name).build(args, tensors, device, dtype, compile, parallel)
 
 
 def reference(

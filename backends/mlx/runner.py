@@ -147,9 +147,12 @@ def build(
     device: str | None,
     dtype: str | None,
     compile: bool = False,
+    parallel: str | None = None,
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
+    if parallel is not None:
+        raise MistralError("parallel ranks run on the torch backend (torchrun) for now")
     own_thread_streams()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

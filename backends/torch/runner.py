@@ -12,10 +12,12 @@ import torch
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
 from backends.torch.model import Linear, Transformer
+from backends.torch.parallel import join, reduced
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
+from mistral.parallel import REDUCED, local_args, shard_tensors
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
@@ -159,12 +161,19 @@ def build(
     device: str | None,
     dtype: str | None,
     compile: bool = False,
+    parallel: str | None = None,
 ) -> Runner:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
+    local, shard = args, None
+    if parallel is not None:  # this rank's share of the heads and hidden units
+        if compile:
+            raise MistralError("compile and parallel ranks do not go together yet")
+        shard, dev = join(dev)
+        local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(local)
     state = {}
     for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
         state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, dt)
@@ -174,10 +183,10 @@ def build(
     model.eval()
     if compile:  # MoE layers of the compiled step multiply by the chosen experts, no host sync
         stack_experts(model)
-    kernel = linear_kernel(dev, dt, linear_bytes(args, dt.itemsize))
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = kernel
+    kernel = linear_kernel(dev, dt, linear_bytes(local, dt.itemsize))
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
+            module.kernel = reduced(kernel) if shard and name.endswith(REDUCED) else kernel
     runner = Runner(args, model, dev, dt)
     if compile:
         # Decode steps have static shapes (keys = the whole buffer): compiled once, and on CUDA

@@ -1,0 +1,68 @@
+"""Tensor parallelism on torchrun (gloo, 2 processes on this CPU): every rank gives the logits
+and greedy tokens of one process; each rank holds only its slices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.parallel import Shard, local_args, shard_tensors
+from mistral.weights import random_weights
+from tests.helpers import ROOT, tiny
+
+ROWS = [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]  # past the window of 16, ragged
+
+
+@pytest.mark.parametrize("layout", ["mistral", "hf"])
+def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, layout):
+    args = tiny("tiny-window")
+    write_checkpoint(tmp_path / "m", layout, args, random_weights(args, seed=1))
+    run = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "m"), str(tmp_path),
+    ]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    one = mistral.load(tmp_path / "m", device="cpu", dtype="float32")
+    logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
+        assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
+        assert got["tokens"].tolist() == tokens, rank
+
+
+def test_the_slices_of_the_ranks_make_the_weights_again(tmp_path):
+    """Rows of wq/wk/wv/w1/w3 and columns of wo/w2 by rank; Hugging Face's permuted wq/wk
+    gather only their own rows."""
+    args = tiny("tiny-window")
+    write_checkpoint(tmp_path / "h", "hf", args, random_weights(args, seed=2))
+    whole = read_checkpoint(tmp_path / "h").tensors
+    shards = [shard_tensors(args, whole, Shard(r, 2)) for r in (0, 1)]
+    for name, t in whole.items():
+        parts = [s[name].data for s in shards]
+        axis = 1 if name.endswith(("wo.weight", "w2.weight")) else 0
+        if name.endswith(("norm.weight", "tok_embeddings.weight", "output.weight")):
+            assert all(np.array_equal(p, t.data) for p in parts), name
+        else:
+            assert np.array_equal(np.concatenate(parts, axis=axis), t.data), name
+    wq = shards[1]["layers.0.attention.wq.weight"]
+    assert wq.rows is not None and len(wq.rows) == args.n_heads // 2 * args.head_dim
+    assert local_args(args, Shard(0, 2)).n_kv_heads == args.n_kv_heads // 2
+
+
+def test_what_does_not_split_is_refused_in_one_line():
+    args = tiny("tiny-window")
+    with pytest.raises(mistral.MistralError, match="does not split over 3 ranks"):
+        local_args(args, Shard(0, 3))
+    with pytest.raises(mistral.MistralError, match="MoE"):
+        local_args(tiny("tiny-moe"), Shard(0, 2))
+    with pytest.raises(mistral.MistralError, match="under torchrun"):
+        mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="tensor")
+    with pytest.raises(mistral.MistralError, match="unknown parallel"):
+        mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="pipeline")
