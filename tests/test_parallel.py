@@ -66,3 +66,14 @@ def test_what_does_not_split_is_refused_in_one_line():
         mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="tensor")
     with pytest.raises(mistral.MistralError, match="unknown parallel"):
         mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="pipeline")
+
+
+def test_generate_under_torchrun_prints_once_what_one_process_prints():
+    args = ["generate", "--prompt", "And it came to pass", "--max-tokens", "20"]
+    tp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          "-m", "mistral", *args, "--parallel", "tensor"]  # fmt: skip
+    out = subprocess.run(tp, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    one = subprocess.run([sys.executable, "-m", "mistral", *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == one.stdout and out.stdout.startswith("And it came to pass")

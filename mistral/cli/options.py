@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ class ModelOptions:
     compile: bool = False
     """torch: compile the static-shape decode step (torch.compile; replayed as a CUDA graph on
     CUDA). The first steps are slow while it compiles."""
+    parallel: str | None = sp.choice("tensor", default=None)
+    """Split the model over the ranks torchrun started (torchrun --nproc-per-node N -m mistral
+    generate ... --parallel tensor): each holds a share of the heads and hidden units; rank 0
+    alone prints."""
 
     def load(self) -> mistral.Model:
         """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
@@ -40,9 +45,18 @@ class ModelOptions:
         if self.tokenizer is None and folder.tokenizer_path is None:
             names = ", ".join(TOKENIZER_FILES)
             raise MistralError(f"{folder.path}: no tokenizer ({names}); pass --tokenizer FILE")
-        return mistral.load(
-            folder.path, self.backend, self.device, self.dtype, self.compile, self.tokenizer
+        model = mistral.load(
+            folder.path,
+            self.backend,
+            self.device,
+            self.dtype,
+            self.compile,
+            self.tokenizer,
+            self.parallel,
         )
+        if self.parallel and os.environ.get("RANK", "0") != "0":  # one rank speaks for all
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
+        return model
 
 
 @dataclass
