@@ -77,3 +77,9 @@ def test_generate_under_torchrun_prints_once_what_one_process_prints():
                          text=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == one.stdout and out.stdout.startswith("And it came to pass")
+
+
+def test_chat_refuses_parallel_ranks_in_one_line():
+    from tests.test_cli import assert_one_line_error, run
+
+    assert_one_line_error(run("chat", "--parallel", "tensor", stdin="hi\n"), "use generate")

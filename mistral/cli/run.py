@@ -208,6 +208,8 @@ class Chat:
     sampling: SamplingOptions = sp.field(default_factory=lambda: SamplingOptions(512, 0.35))
 
     def run(self) -> None:
+        if self.model.parallel:  # every rank would read its own share of the terminal's lines
+            raise MistralError("chat does not run over parallel ranks yet: use generate")
         model = self.model.load()
         tok = model.require_tokenizer()
         version = self.template or template_version(tok)
