@@ -1,5 +1,5 @@
-"""Tensor parallelism on torchrun (gloo, 2 processes on this CPU): every rank gives the logits
-and greedy tokens of one process; each rank holds only its slices."""
+"""Tensor parallelism on torchrun (gloo) and mlx.launch (ring), 2 processes on this CPU: every
+rank gives the logits and greedy tokens of one process; each rank holds only its slices."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ from tests.helpers import ROOT, tiny
 ROWS = [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]  # past the window of 16, ragged
 
 
+def failure(stderr: str) -> str:
+    """What a failed launch's ranks said, without the launcher's own traceback."""
+    keep = [line for line in stderr.splitlines() if not line.startswith(("W", "  File", "E"))]
+    return "\n".join(keep[-40:])
+
+
 @pytest.mark.parametrize("layout", ["mistral", "hf"])
 def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, layout):
     args = tiny("tiny-window")
@@ -27,7 +33,7 @@ def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, layout):
         str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "m"), str(tmp_path),
     ]  # fmt: skip
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, failure(out.stderr)
     one = mistral.load(tmp_path / "m", device="cpu", dtype="float32")
     logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
     for rank in (0, 1):
@@ -64,6 +70,8 @@ def test_what_does_not_split_is_refused_in_one_line():
         local_args(tiny("tiny-moe"), Shard(0, 2))
     with pytest.raises(mistral.MistralError, match="under torchrun"):
         mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="tensor")
+    with pytest.raises(mistral.MistralError, match=r"under mlx\.launch"):
+        mistral.from_tensors(args, random_weights(args), "mlx", "cpu", parallel="tensor")
     with pytest.raises(mistral.MistralError, match="unknown parallel"):
         mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="pipeline")
 
@@ -83,3 +91,26 @@ def test_chat_refuses_parallel_ranks_in_one_line():
     from tests.test_cli import assert_one_line_error, run
 
     assert_one_line_error(run("chat", "--parallel", "tensor", stdin="hi\n"), "use generate")
+
+
+def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path):
+    """mlx.launch's ring backend, 2 local processes. It exits 0 even when a rank fails, so the
+    ranks' own results are what is checked."""
+    from pathlib import Path
+
+    args = tiny("tiny-window")
+    write_checkpoint(tmp_path / "m", "mistral", args, random_weights(args, seed=1))
+    launch = Path(sys.executable).parent / "mlx.launch"
+    worker = str(ROOT / "tests" / "mlx_tp_worker.py")
+    run = [str(launch), "--backend", "ring", "-n", "2", "--python", sys.executable,
+           worker, str(tmp_path / "m"), str(tmp_path)]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    one = mistral.load(tmp_path / "m", backend="mlx", device="cpu", dtype="float32")
+    logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
+    for rank in (0, 1):
+        path = tmp_path / f"mlx-rank{rank}.npz"
+        assert path.exists(), out.stderr[-2000:]
+        got = np.load(path)
+        assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
+        assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
+        assert got["tokens"].tolist() == tokens, rank

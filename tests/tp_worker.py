@@ -13,6 +13,4 @@ folder, out, rows = sys.argv[1], Path(sys.argv[2]), [[1, 5, 9, 200, 17] * 9, [3,
 model = mistral.load(folder, backend="torch", device="cpu", dtype="float32", parallel="tensor")
 logits = model.logits(rows)
 tokens = model.generate(rows, 24)
-rank = dist.get_rank()
-np.savez(out / f"rank{rank}.npz", a=logits[0], b=logits[1], tokens=np.array(tokens))
-dist.destroy_process_group()
+np.savez(out / f"rank{dist.get_rank()}.npz", a=logits[0], b=logits[1], tokens=np.array(tokens))

@@ -13,10 +13,12 @@ import numpy as np
 from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, Transformer
+from backends.mlx.parallel import join, reduced
 from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
+from mistral.parallel import REDUCED, local_args, shard_tensors
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
@@ -151,13 +153,15 @@ def build(
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
-    if parallel is not None:
-        raise MistralError("parallel ranks run on the torch backend (torchrun) for now")
     own_thread_streams()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
-    model = Transformer(args)  # MLX is lazy: the initial parameters are never materialized
+    local, shard = args, None
+    if parallel is not None:  # this rank's share of the heads and hidden units
+        shard, group = join()
+        local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
+    model = Transformer(local)  # MLX is lazy: the initial parameters are never materialized
     quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
@@ -168,8 +172,9 @@ def build(
     mx.eval(model.parameters())
     if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
         stack_experts(model)
-    streams = cpu_streams(dev, linear_bytes(args, dt.size))
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = SplitRows(module.weight, streams) if streams else None
+    streams = cpu_streams(dev, linear_bytes(local, dt.size))
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
+            kernel = SplitRows(module.weight, streams) if streams else None
+            module.kernel = reduced(kernel, group) if shard and name.endswith(REDUCED) else kernel
     return Runner(args, model, dev, dt)

@@ -4,6 +4,7 @@ forward (mistral/parallel.py says which slices each rank holds)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 
@@ -21,10 +22,19 @@ def join(device: torch.device) -> tuple[Shard, torch.device]:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise MistralError("parallel ranks run under torchrun (RANK and WORLD_SIZE are unset)")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return Shard(dist.get_rank(), dist.get_world_size()), device
+
+
+def leave() -> None:
+    """At exit, every rank waits for the others before the group is torn down: a rank whose
+    peer closed its connections first could abort in gloo's transport."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def reduced(kernel: Callable | None) -> Callable:

@@ -1,0 +1,17 @@
+"""Run by mlx.launch in tests/test_parallel.py: one rank's logits and greedy tokens of a folder
+split over the ranks, written to OUT/mlx-rank<N>.npz."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+import mistral
+
+folder, out, rows = sys.argv[1], Path(sys.argv[2]), [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]
+model = mistral.load(folder, backend="mlx", device="cpu", dtype="float32", parallel="tensor")
+logits = model.logits(rows)
+tokens = model.generate(rows, 24)
+rank = mx.distributed.init().rank()
+np.savez(out / f"mlx-rank{rank}.npz", a=logits[0], b=logits[1], tokens=np.array(tokens))
