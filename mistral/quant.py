@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mistral.errors import MistralError
-from mistral.weights import RawTensor, cast, from_numpy
+from mistral.weights import RawTensor, cast, from_numpy, nbytes_of
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -260,8 +260,7 @@ class Deferred:
 
     @property
     def nbytes(self) -> int:
-        size = {"float32": 4, "uint32": 4, "uint8": 1}.get(self.dtype, 2)
-        return int(np.prod(self.shape)) * size
+        return nbytes_of(self.shape, self.dtype)
 
     @property
     def data(self) -> np.ndarray:

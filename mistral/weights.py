@@ -87,9 +87,13 @@ def cast(t: RawTensor, dtype: str | None) -> RawTensor:
 
 def cast_nbytes(t: RawTensor, dtype: str | None) -> int:
     """The size ``t`` will have once cast to ``dtype``."""
-    kind = dtype or t.dtype
-    itemsize = 4 if kind in ("float32", PACKED) else 1 if kind in (EXPONENTS, FP8) else 2
-    return int(np.prod(t.shape, dtype=np.int64)) * itemsize
+    return nbytes_of(t.shape, dtype or t.dtype)
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: str) -> int:
+    """The bytes of a tensor of ``shape`` stored in ``dtype`` (any the files hold)."""
+    itemsize = 4 if dtype in ("float32", PACKED) else 1 if dtype in (EXPONENTS, FP8) else 2
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

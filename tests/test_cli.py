@@ -13,13 +13,16 @@ from tests.helpers import ROOT, V1, mistral_common_file
 DEFAULT = ROOT / "mistral" / "default_model"
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, stdin: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mistral", *args],
         input=stdin,
         text=True,
         capture_output=True,
         cwd=ROOT,
+        env=env,
         timeout=300,
         check=False,
     )

@@ -14,6 +14,7 @@ from mistral.checkpoint import write_checkpoint
 from mistral.hub import is_repo_id, wanted
 from mistral.weights import random_weights
 from tests.helpers import ROOT, tiny
+from tests.test_cli import run as run_cli
 
 
 def hub_cache(root, repo: str, folder) -> str:
@@ -34,16 +35,8 @@ def hub_cache(root, repo: str, folder) -> str:
 
 
 def run(argv: list[str], cache) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "mistral", *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    """The command with the hub offline and this cache (tests.test_cli.run with its env)."""
+    return run_cli(*argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
 
 
 @pytest.fixture(scope="module")
