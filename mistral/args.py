@@ -20,8 +20,23 @@ DEFAULT_ROPE_THETA = 10_000.0
 
 @dataclass
 class MoeArgs(Serializable):
+    """Experts chosen per token (params.json ``moe``). Mixtral sets the first two keys; the
+    DeepSeekMoE line (Mistral Small 4, DeepSeek-V2/V3) adds shared experts run for every token,
+    dense first layers, a scale on the routed sum and group-limited routing (the experts cut into
+    ``num_expert_groups`` groups, a token choosing among the best ``num_expert_groups_per_tok``).
+    The last three keys are not in Mistral's files; they say how DeepSeek's routers differ."""
+
     num_experts: int
     num_experts_per_tok: int
+    num_shared_experts: int = 0
+    expert_hidden_dim: int | None = None  # None: hidden_dim
+    first_k_dense_replace: int = 0  # the first layers keep one dense feed-forward
+    routed_scale: float = 1.0
+    num_expert_groups: int = 1
+    num_expert_groups_per_tok: int = 1
+    scoring_func: str = "softmax"  # "sigmoid": DeepSeek-V3, with a bias that picks the experts
+    norm_topk_prob: bool = True  # the chosen weights sum to 1 (False: DeepSeek-V2)
+    group_scoring: str = "top2"  # a group's score: its best two experts' sum, or "max"
 
 
 @dataclass
@@ -36,6 +51,9 @@ class YarnArgs(Serializable):
     beta: float = 32.0
     alpha: float = 1.0
     apply_scale: bool = True
+    # Latent attention only (DeepSeek's name): the softmax scale is multiplied by
+    # (0.1 * mscale_all_dim * ln(factor) + 1) ** 2.
+    mscale_all_dim: float | None = None
 
 
 @dataclass
@@ -67,6 +85,14 @@ class ModelArgs(Serializable):
     llama_4_scaling: Llama4ScalingArgs | None = None
     tied_embeddings: bool = False  # the output projection is the embedding table (no output.weight)
     max_position_embeddings: int | None = None  # the context the model was made for (informative)
+    # Multi-head latent attention (DeepSeek-V2, Mistral Small 4): keys and values are expanded
+    # per head from one latent of kv_lora_rank numbers per token (what the cache holds, with a
+    # shared RoPE key of qk_rope_head_dim); queries from a latent of q_lora_rank (None: directly).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -80,6 +106,20 @@ class ModelArgs(Serializable):
     def n_rep(self) -> int:
         """Query heads per key/value head (GQA)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def mla(self) -> bool:
+        """Latent attention (the kv_lora_rank family of keys) instead of wq/wk/wv."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions each head rotates: all of head_dim, or latent attention's RoPE part."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim  # type: ignore[return-value]
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s feed-forward is experts (past the dense first layers)."""
+        return self.moe is not None and layer >= self.moe.first_k_dense_replace
 
     def layer_windows(self) -> list[int | None]:
         """The attention window of each layer (None: full attention)."""
@@ -103,7 +143,17 @@ class ModelArgs(Serializable):
         d = self.to_dict()
         if not self.tied_embeddings:
             del d["tied_embeddings"]
+        for name, cls in (("moe", MoeArgs), ("yarn", YarnArgs)):  # defaults left out
+            if d.get(name) is not None:
+                d[name] = non_default(cls, d[name])
         return {k: v for k, v in d.items() if v is not None}
+
+
+def non_default(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """A nested block's keys that are required or differ from their defaults."""
+    return {
+        f.name: d[f.name] for f in fields(cls) if f.default is MISSING or d[f.name] != f.default
+    }
 
 
 _REQUIRED = (
@@ -162,10 +212,10 @@ def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArg
     unknown = sorted(set(params) - known)
     if unknown:
         raise MistralError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    params = latent_defaults(dict(params))
     missing = [k for k in _REQUIRED if k not in params]
     if missing:
         raise MistralError(f"{source}: missing field(s) {', '.join(missing)}")
-    params = dict(params)
     if params.get("rope_theta") is None:
         warnings.warn(
             f"{source} has no rope_theta: using {DEFAULT_ROPE_THETA:g}, as the original reference "
@@ -179,6 +229,20 @@ def from_params(params: dict[str, Any], source: str = "params.json") -> ModelArg
         return ModelArgs(**params)
     except MistralError as e:
         raise MistralError(f"{source}: {e}") from None
+
+
+def latent_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """A latent-attention params.json as transformers' conversion of Mistral Small 4 reads it:
+    head_dim, when absent, is the query/key head (qk_nope_head_dim + qk_rope_head_dim), and YaRN
+    without mscale_all_dim scales the softmax by mscale(factor, 1)^2 instead of q and k."""
+    if params.get("kv_lora_rank") is None:
+        return params
+    if "head_dim" not in params and "qk_nope_head_dim" in params and "qk_rope_head_dim" in params:
+        params["head_dim"] = params["qk_nope_head_dim"] + params["qk_rope_head_dim"]
+    yarn = params.get("yarn")
+    if isinstance(yarn, dict) and "mscale_all_dim" not in yarn and "apply_scale" not in yarn:
+        params["yarn"] = {**yarn, "mscale_all_dim": 1.0, "apply_scale": False}
+    return params
 
 
 def positive_int(v: Any) -> bool:
@@ -239,6 +303,64 @@ def validate(a: ModelArgs) -> None:
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < math.inf:
             raise MistralError(f"llama_4_scaling.beta must be a finite number >= 0, got {b!r}")
     if a.moe is not None:
-        e, k = a.moe.num_experts, a.moe.num_experts_per_tok
-        if not (isinstance(e, int) and isinstance(k, int) and 0 < k <= e):
-            raise MistralError(f"moe needs 0 < num_experts_per_tok <= num_experts, got {k} of {e}")
+        validate_moe(a.moe, a.n_layers)
+    validate_latent(a)
+
+
+def validate_moe(m: MoeArgs, n_layers: int) -> None:
+    e, k = m.num_experts, m.num_experts_per_tok
+    if not (positive_int(e) and positive_int(k) and k <= e):
+        raise MistralError(f"moe needs 0 < num_experts_per_tok <= num_experts, got {k} of {e}")
+    for name, v, most in (
+        ("num_shared_experts", m.num_shared_experts, e),
+        ("first_k_dense_replace", m.first_k_dense_replace, n_layers),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= most:
+            raise MistralError(f"moe.{name} must be a count from 0 to {most}, got {v!r}")
+    if m.expert_hidden_dim is not None and not positive_int(m.expert_hidden_dim):
+        raise MistralError(
+            f"moe.expert_hidden_dim must be a positive integer, got {m.expert_hidden_dim!r}"
+        )
+    if not positive_number(m.routed_scale):
+        raise MistralError(
+            f"moe.routed_scale must be a positive finite number, got {m.routed_scale!r}"
+        )
+    g, gk = m.num_expert_groups, m.num_expert_groups_per_tok
+    if not (positive_int(g) and positive_int(gk) and gk <= g and e % g == 0):
+        raise MistralError(
+            f"moe needs num_expert_groups dividing num_experts ({e}) and 0 < "
+            f"num_expert_groups_per_tok <= num_expert_groups, got {gk} of {g}"
+        )
+    if k > gk * (e // g):
+        raise MistralError(f"moe: {k} experts per token cannot come from {gk} groups of {e // g}")
+    if m.scoring_func not in ("softmax", "sigmoid"):
+        raise MistralError(f"moe.scoring_func must be softmax or sigmoid, got {m.scoring_func!r}")
+    if m.group_scoring not in ("top2", "max"):
+        raise MistralError(f"moe.group_scoring must be top2 or max, got {m.group_scoring!r}")
+    if m.group_scoring == "top2" and g > 1 and e // g < 2:
+        raise MistralError("moe: groups scored by their best two experts need two per group")
+    if not isinstance(m.norm_topk_prob, bool):
+        raise MistralError(f"moe.norm_topk_prob must be true or false, got {m.norm_topk_prob!r}")
+
+
+LATENT_KEYS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def validate_latent(a: ModelArgs) -> None:
+    given = [k for k in LATENT_KEYS if getattr(a, k) is not None]
+    if not given and a.q_lora_rank is None:
+        if a.yarn is not None and a.yarn.mscale_all_dim is not None:
+            raise MistralError("yarn.mscale_all_dim applies to latent attention only")
+        return
+    if len(given) != len(LATENT_KEYS):
+        missing = [k for k in LATENT_KEYS if k not in given]
+        raise MistralError(f"latent attention needs {', '.join(missing)} too")
+    for k in (*LATENT_KEYS, "q_lora_rank"):
+        v = getattr(a, k)
+        if v is not None and not positive_int(v):
+            raise MistralError(f"{k} must be a positive integer, got {v!r}")
+    if a.qk_rope_head_dim % 2:  # type: ignore[operator]
+        raise MistralError(f"qk_rope_head_dim must be even for RoPE, got {a.qk_rope_head_dim}")
+    all_dim = a.yarn.mscale_all_dim if a.yarn is not None else None
+    if all_dim is not None and (isinstance(all_dim, bool) or not positive_number(all_dim)):
+        raise MistralError(f"yarn.mscale_all_dim must be a positive finite number, got {all_dim!r}")

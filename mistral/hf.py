@@ -61,6 +61,29 @@ _NAMES = [
         "layers.{i}.feed_forward.experts.{e}.w3.weight",
         "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     ),
+    # Latent attention and DeepSeekMoE (deepseek_v2, deepseek_v3, mistral4)
+    ("layers.{i}.attention.wq_a.weight", "model.layers.{i}.self_attn.q_a_proj.weight"),
+    ("layers.{i}.attention.q_a_norm.weight", "model.layers.{i}.self_attn.q_a_layernorm.weight"),
+    ("layers.{i}.attention.wq_b.weight", "model.layers.{i}.self_attn.q_b_proj.weight"),
+    (
+        "layers.{i}.attention.wkv_a_with_mqa.weight",
+        "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight",
+    ),
+    ("layers.{i}.attention.kv_a_norm.weight", "model.layers.{i}.self_attn.kv_a_layernorm.weight"),
+    ("layers.{i}.attention.wkv_b.weight", "model.layers.{i}.self_attn.kv_b_proj.weight"),
+    ("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.mlp.gate.weight"),
+    (
+        "layers.{i}.feed_forward.gate.e_score_correction_bias",
+        "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    ),
+    *[
+        (
+            f"layers.{{i}}.feed_forward.{part}.{w}.weight",
+            f"model.layers.{{i}}.mlp.{hf}.{proj}.weight",
+        )
+        for part, hf in (("experts.{e}", "experts.{e}"), ("shared_experts", "shared_experts"))
+        for w, proj in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))
+    ],
 ]
 
 
@@ -150,7 +173,9 @@ def tensors_from_hf(
         if key is None:
             unknown.append(name)
             continue
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+        if args.mla and key.endswith("attention.wq.weight"):
+            pass  # latent attention's RoPE part is stored in pair order (rope_interleave)
+        elif key.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = rows[key.split(".")[-2]]
             want = (heads * args.head_dim, args.dim)
             if t.shape != want:  # checked before the rows are reordered (an index that size)
@@ -165,12 +190,26 @@ def tensors_from_hf(
 
 _SWITCH = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)\.weight$")
 _SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+# transformers' mistral4 writes each layer's experts fused: gate_up_proj (E, 2 hidden, dim),
+# gate rows first, and down_proj (E, dim, hidden).
+_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(gate_up_proj|down_proj)$")
 
 
 def unstack_experts(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
-    """mlx-lm stores a Mixtral layer's experts stacked, (E, out, in), as switch_mlp: split them."""
+    """Experts stored stacked, (E, out, in), split into one tensor each: mlx-lm's Mixtral
+    switch_mlp and transformers' fused mistral4 experts."""
     out = {}
     for name, t in tensors.items():
+        if (match := _FUSED.match(name)) and len(t.shape) == 3:
+            prefix = match.group(1)
+            for e in range(t.shape[0]):
+                if match.group(2) == "down_proj":
+                    out[f"{prefix}{e}.down_proj.weight"] = RawTensor(t.dtype, t.data[e])
+                    continue
+                half = t.shape[1] // 2
+                out[f"{prefix}{e}.gate_proj.weight"] = RawTensor(t.dtype, t.data[e, :half])
+                out[f"{prefix}{e}.up_proj.weight"] = RawTensor(t.dtype, t.data[e, half:])
+            continue
         match = _SWITCH.match(name)
         if match is None or match.group(2) not in _SWITCH_NAMES:
             out[name] = t
@@ -185,7 +224,9 @@ def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str
     """Checkpoint keys to HF names, permuting wq/wk rows into half order (lazily)."""
     out = {}
     for key, t in tensors.items():
-        if key.endswith("attention.wq.weight"):
+        if args.mla:
+            pass  # latent attention keeps pair order (rope_interleave)
+        elif key.endswith("attention.wq.weight"):
             t = permute_rows(t, args.n_heads, to_hf=True)
         elif key.endswith("attention.wk.weight"):
             t = permute_rows(t, args.n_kv_heads, to_hf=True)

@@ -8,6 +8,7 @@ import math
 import warnings
 from typing import Any
 
+from mistral import hf_latent
 from mistral.args import DEFAULT_ROPE_THETA, Llama4ScalingArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral.errors import MistralError
 from mistral.rope import yarn_mscale
@@ -54,16 +55,18 @@ def text_config(config: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def rope_args(
-    rope: dict[str, Any], source: str
+    rope: dict[str, Any], source: str, latent: bool = False
 ) -> tuple[YarnArgs | None, Llama4ScalingArgs | None]:
     """transformers' rope_parameters: YaRN (its attention factor as Mistral's apply_scale) and
-    Ministral 3's llama_4_scaling_beta."""
+    Ministral 3's llama_4_scaling_beta. For ``latent`` attention, YaRN's mscale_all_dim too (the
+    softmax scale's factor) and a partial_rotary_factor (the RoPE part, checked by the caller)."""
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "yarn"):
         raise MistralError(f"{source}: rope scaling {kind!r} is not supported (default or yarn)")
     yarn = None
     if kind == "yarn":
-        if rope.get("truncate", True) is not True or rope.get("partial_rotary_factor", 1) != 1:
+        partial = not latent and rope.get("partial_rotary_factor", 1) != 1
+        if rope.get("truncate", True) is not True or partial:
             raise MistralError(
                 f"{source}: yarn with truncate or partial_rotary_factor is not supported"
             )
@@ -87,6 +90,9 @@ def rope_args(
             beta=float(rope.get("beta_fast") or 32.0),
             alpha=float(rope.get("beta_slow") or 1.0),
             apply_scale=apply_scale,
+            mscale_all_dim=float(rope["mscale_all_dim"])
+            if latent and rope.get("mscale_all_dim")
+            else None,
         )
     scaling = None
     if rope.get("llama_4_scaling_beta") is not None:
@@ -122,14 +128,17 @@ def shortest_pattern(windows: list[int | None]) -> list[int | None]:
 
 def _args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     kind = config.get("model_type")
-    if kind not in TEXT_TYPES:
-        raise MistralError(f"{source}: model_type {kind!r} is not one of {', '.join(TEXT_TYPES)}")
+    if kind not in TEXT_TYPES + hf_latent.TYPES:
+        known = ", ".join(TEXT_TYPES + hf_latent.TYPES)
+        raise MistralError(f"{source}: model_type {kind!r} is not one of {known}")
     if config.get("hidden_act", "silu") != "silu":
         raise MistralError(f"{source}: hidden_act {config['hidden_act']!r} is not silu")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise TypeError(f"rope_parameters must be an object, got {rope!r}")  # malformed
-    yarn, scaling = rope_args(rope, source)
+    yarn, scaling = rope_args(rope, source, latent=kind in hf_latent.TYPES)
+    if kind in hf_latent.TYPES:
+        return hf_latent.args_from_config(config, source, yarn, scaling)
     theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
     try:
         n_heads = config["num_attention_heads"]

@@ -17,9 +17,19 @@ def inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / theta**exponents).astype(np.float32)
 
 
-def yarn_mscale(factor: float) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """The magnitude YaRN gives q and k (so attention logits grow by its square)."""
-    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(args: ModelArgs, head_dim: int) -> float:
+    """The attention logits' scale, 1/sqrt(head_dim), times DeepSeek's YaRN factor
+    mscale(factor, mscale_all_dim)^2 where latent attention's YaRN has one."""
+    y = args.yarn
+    extra = (
+        1.0 if y is None or y.mscale_all_dim is None else yarn_mscale(y.factor, y.mscale_all_dim)
+    )
+    return head_dim**-0.5 * extra**2
 
 
 def yarn_frequencies(head_dim: int, theta: float, yarn: YarnArgs) -> np.ndarray:
@@ -59,17 +69,18 @@ class Rope:
     """What both backends need to rotate q and k: frequencies, a magnitude (1 but under YaRN
     with its scale), and the query scaling by position (None: every query scale is 1)."""
 
-    inv_freq: np.ndarray  # (head_dim // 2,) float32
+    inv_freq: np.ndarray  # (rope_dim // 2,) float32
     mscale: float
     scaling: Llama4ScalingArgs | None
 
     @classmethod
     def of(cls, args: ModelArgs) -> Rope:
+        dim = args.rope_dim  # head_dim, or latent attention's RoPE part
         if args.yarn is None:
-            return cls(inv_frequencies(args.head_dim, args.rope_theta), 1.0, args.llama_4_scaling)
+            return cls(inv_frequencies(dim, args.rope_theta), 1.0, args.llama_4_scaling)
         y = args.yarn
         mscale = yarn_mscale(y.factor) if y.apply_scale else 1.0
-        freqs = yarn_frequencies(args.head_dim, args.rope_theta, y)
+        freqs = yarn_frequencies(dim, args.rope_theta, y)
         return cls(freqs, mscale, args.llama_4_scaling)
 
     def query_scales(self, positions: np.ndarray) -> np.ndarray | None:

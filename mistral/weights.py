@@ -98,35 +98,82 @@ def nbytes_of(shape: tuple[int, ...], dtype: str) -> int:
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of the spec, named by its checkpoint key, in the order of the forward."""
-    d, h, v, hd = args.dim, args.hidden_dim, args.vocab_size, args.head_dim
+    d, v = args.dim, args.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "attention.wq.weight"] = (args.n_heads * hd, d)
-        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * hd, d)
-        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * hd, d)
-        shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
+        attention = latent_attention_shapes(args) if args.mla else attention_shapes(args)
+        shapes |= {p + "attention." + k: shape for k, shape in attention.items()}
         shapes[p + "ffn_norm.weight"] = (d,)
-        if args.moe is None:
-            ffns = [p + "feed_forward."]
-        else:
-            shapes[p + "feed_forward.gate.weight"] = (args.moe.num_experts, d)
-            ffns = [p + f"feed_forward.experts.{e}." for e in range(args.moe.num_experts)]
-        for f in ffns:
-            shapes[f + "w1.weight"] = (h, d)
-            shapes[f + "w2.weight"] = (d, h)
-            shapes[f + "w3.weight"] = (h, d)
+        shapes |= {p + "feed_forward." + k: shape for k, shape in ffn_shapes(args, i).items()}
     shapes["norm.weight"] = (d,)
     if not args.tied_embeddings:  # tied: the output projection is tok_embeddings.weight
         shapes["output.weight"] = (v, d)
     return shapes
 
 
+def attention_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    d, hd = args.dim, args.head_dim
+    return {
+        "wq.weight": (args.n_heads * hd, d),
+        "wk.weight": (args.n_kv_heads * hd, d),
+        "wv.weight": (args.n_kv_heads * hd, d),
+        "wo.weight": (d, args.n_heads * hd),
+    }
+
+
+def latent_attention_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Latent attention under Mistral's names (transformers: q_proj or q_a_proj, q_a_layernorm
+    and q_b_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj)."""
+    d, h, r, rope = args.dim, args.n_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    qk = args.qk_nope_head_dim + rope  # type: ignore[operator]
+    if args.q_lora_rank is None:
+        shapes = {"wq.weight": (h * qk, d)}
+    else:
+        q = args.q_lora_rank
+        shapes = {"wq_a.weight": (q, d), "q_a_norm.weight": (q,), "wq_b.weight": (h * qk, q)}
+    return shapes | {
+        "wkv_a_with_mqa.weight": (r + rope, d),  # type: ignore[operator]
+        "kv_a_norm.weight": (r,),  # type: ignore[dict-item]
+        "wkv_b.weight": (h * (args.qk_nope_head_dim + args.v_head_dim), r),  # type: ignore
+        "wo.weight": (d, h * args.v_head_dim),  # type: ignore[operator]
+    }
+
+
+def ffn_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
+    """One layer's feed-forward: w1/w2/w3, or a gate over experts (and shared experts)."""
+    d, m = args.dim, args.moe
+
+    def ffn(prefix: str, h: int) -> dict[str, tuple[int, ...]]:
+        return {
+            prefix + "w1.weight": (h, d),
+            prefix + "w2.weight": (d, h),
+            prefix + "w3.weight": (h, d),
+        }
+
+    if m is None or not args.moe_layer(layer):
+        return ffn("", args.hidden_dim)
+    h = m.expert_hidden_dim or args.hidden_dim
+    shapes = {"gate.weight": (m.num_experts, d)}
+    if m.scoring_func == "sigmoid":  # DeepSeek-V3: a bias on the scores picks the experts
+        shapes["gate.e_score_correction_bias"] = (m.num_experts,)
+    for e in range(m.num_experts):
+        shapes |= ffn(f"experts.{e}.", h)
+    if m.num_shared_experts:
+        shapes |= ffn("shared_experts.", h * m.num_shared_experts)
+    return shapes
+
+
 def tensor_count(args: ModelArgs) -> int:
     """How many tensors the spec has, without listing them (a config may claim 1e9 layers)."""
-    per_layer = 6 + (3 if args.moe is None else 1 + 3 * args.moe.num_experts)
-    return 3 - args.tied_embeddings + args.n_layers * per_layer
+    attention = 4 if not args.mla else 5 if args.q_lora_rank is None else 7
+    m = args.moe
+    moe_ffn = 0 if m is None else 1 + (m.scoring_func == "sigmoid") + 3 * m.num_experts
+    moe_ffn += 3 * bool(m and m.num_shared_experts)
+    moe_layers = 0 if m is None else max(args.n_layers - m.first_k_dense_replace, 0)
+    ffns = 3 * (args.n_layers - moe_layers) + moe_ffn * moe_layers
+    return 3 - args.tied_embeddings + args.n_layers * (2 + attention) + ffns
 
 
 def check_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -166,9 +213,17 @@ def linear_bytes(args: ModelArgs, itemsize: int) -> int:
 def cache_bytes(args: ModelArgs, itemsize: int, batch: int, context: int) -> int:
     """What the caches of ``batch`` rows of up to ``context`` tokens hold: keys and values of
     every layer, a windowed layer keeping at most its window."""
-    per_token = 2 * args.n_kv_heads * args.head_dim * itemsize + 8  # and the planner's position
+    per_token = cached_numbers(args) * itemsize + 8  # and the planner's position
     slots = sum(context if w is None else min(w, context) for w in args.layer_windows())
     return batch * slots * per_token
+
+
+def cached_numbers(args: ModelArgs) -> int:
+    """Numbers one layer caches per token: keys and values, or latent attention's latent and
+    its shared RoPE key."""
+    if args.mla:
+        return args.kv_lora_rank + args.qk_rope_head_dim  # type: ignore[operator]
+    return 2 * args.n_kv_heads * args.head_dim
 
 
 def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> dict[str, RawTensor]:

@@ -47,19 +47,20 @@ class Step:
 
 
 class LayerCache:
-    """One layer's keys and values, (B, Hkv, S, D) each, preallocated once."""
+    """One layer's keys and values, (B, Hkv, S, Dk) and (B, Hkv, S, Dv), preallocated once.
+    Latent attention keeps its latent as k and its shared RoPE key as v (Hkv = 1)."""
 
     def __init__(
         self,
         batch: int,
         size: int,
         n_kv_heads: int,
-        head_dim: int,
+        k_dim: int,
+        v_dim: int,
         dtype: mx.Dtype,
     ) -> None:
-        shape = (batch, n_kv_heads, size, head_dim)
-        self.k = mx.zeros(shape, dtype=dtype)  # on the default device: the runner's
-        self.v = mx.zeros(shape, dtype=dtype)
+        self.k = mx.zeros((batch, n_kv_heads, size, k_dim), dtype=dtype)  # the runner's device
+        self.v = mx.zeros((batch, n_kv_heads, size, v_dim), dtype=dtype)
 
     def update(self, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
         """Stores new (B, Hkv, T, D) keys/values; returns what attention reads, (B, Hkv, K, D)."""

@@ -47,19 +47,20 @@ class Step:
 
 
 class LayerCache:
-    """One layer's keys and values, (B, Hkv, S, D) each, preallocated once."""
+    """One layer's keys and values, (B, Hkv, S, Dk) and (B, Hkv, S, Dv), preallocated once.
+    Latent attention keeps its latent as k and its shared RoPE key as v (Hkv = 1)."""
 
     def __init__(
         self,
         batch: int,
         size: int,
         n_kv_heads: int,
-        head_dim: int,
+        k_dim: int,
+        v_dim: int,
         dtype: torch.dtype,
     ) -> None:
-        shape = (batch, n_kv_heads, size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # on the default device: the runner's
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros((batch, n_kv_heads, size, k_dim), dtype=dtype)  # the runner's device
+        self.v = torch.zeros((batch, n_kv_heads, size, v_dim), dtype=dtype)
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, step: Step

@@ -1,0 +1,186 @@
+"""Latent attention and DeepSeekMoE against transformers and mlx-lm: DeepSeek-V2 in the V2-Lite
+shape (no query LoRA, the first layer dense, two shared experts, greedy routing, YaRN with
+DeepSeek's mscale), Mistral Small 4 (query LoRA, YaRN with query scaling, one shared expert,
+groups scored by their best two) and DeepSeek-V3 (a sigmoid router with its bias, grouped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mistral
+from mistral import contract, hf_latent
+from mistral.checkpoint import read_checkpoint
+from tests.helpers import hf_greedy, hf_logits, max_diff, random_rows, seeded
+
+ORIGINAL = 8  # YaRN's original context: the rows and the generation run well past it
+
+SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=12,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4 * 8,
+)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=ORIGINAL)
+
+CASES = {
+    # V2-Lite: queries straight from the hidden state, two shared experts, greedy top-k; YaRN
+    # with mscale = mscale_all_dim (q and k unscaled, the softmax scaled)
+    "deepseek_v2": dict(
+        SHAPE,
+        model_type="deepseek_v2",
+        q_lora_rank=None,
+        n_shared_experts=2,
+        topk_method="greedy",
+        rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),
+    ),
+    # V2 with group-limited routing: groups scored by their best expert
+    "deepseek_v2-groups": dict(
+        SHAPE,
+        model_type="deepseek_v2",
+        q_lora_rank=None,
+        n_shared_experts=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+    ),
+    # Small 4: query LoRA, YaRN as its conversion sets it, queries scaled every 8 positions
+    "mistral4": dict(
+        SHAPE,
+        model_type="mistral4",
+        q_lora_rank=24,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        rope_parameters=dict(
+            YARN,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            llama_4_scaling_beta=0.2,
+            partial_rotary_factor=4 / 12,
+        ),
+        head_dim=12,
+    ),
+    # V3: sigmoid scores with a bias that picks the experts, groups by their best two
+    "deepseek_v3": dict(
+        SHAPE,
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+
+def hf_model_of(config: dict, seed: int = 0):
+    """transformers' model of a config, float32, eager, weights and router biases seeded."""
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    cls = getattr(transformers, hf_latent.CLASSES[config["model_type"]])  # mistral4: not in Auto
+    model = seeded(cls(cfg), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a buffer, not a parameter: seeded() leaves it at zero
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """(name, HF model, our folder read back from its save_pretrained)."""
+    name = request.param
+    model = hf_model_of(CASES[name])
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    return name, model, read_checkpoint(folder)
+
+
+def test_the_folder_reads_as_latent_attention_and_deepseek_moe(case):
+    name, _, ckpt = case
+    a, config = ckpt.args, CASES[name]
+    assert a.mla and a.kv_lora_rank == 16 and a.q_lora_rank == config["q_lora_rank"]
+    assert a.moe.num_shared_experts == config["n_shared_experts"]
+    assert a.moe.first_k_dense_replace == 1 and a.moe.expert_hidden_dim == 32
+    assert a.moe.scoring_func == ("sigmoid" if name == "deepseek_v3" else "softmax")
+    assert (a.llama_4_scaling is not None) == (name == "mistral4")
+
+
+@pytest.mark.parametrize("backend", contract.BACKENDS)
+def test_logits_match_transformers(case, backend):
+    """Ragged rows past YaRN's original context and the query scaling's periods, whole and in
+    chunks (a chunk attends over cached latents)."""
+    _, model, ckpt = case
+    ours = mistral.from_tensors(ckpt.args, ckpt.tensors, backend, "cpu", "float32")
+    rows = random_rows([5 * ORIGINAL + 3, 9, 3 * ORIGINAL], ckpt.args.vocab_size, 1)
+    expected = hf_logits(model, rows)
+    assert max_diff(ours.logits(rows), expected) <= 1e-4
+    assert max_diff(ours.logits(rows, chunk_size=5), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", contract.BACKENDS)
+def test_greedy_generation_matches_transformers(case, backend):
+    """Decode steps take the absorbed form; transformers expands keys and values every step."""
+    _, model, ckpt = case
+    ours = mistral.from_tensors(ckpt.args, ckpt.tensors, backend, "cpu", "float32")
+    prompt = random_rows([7], ckpt.args.vocab_size, 2)[0]
+    n = 4 * ORIGINAL
+    assert ours.generate([prompt], max_tokens=n)[0] == hf_greedy(model, prompt, n)
+
+
+@pytest.mark.parametrize("backend", contract.BACKENDS)
+def test_the_absorbed_form_is_the_expanded_form(case, backend):
+    """Decode's absorbed attention (wkv_b folded into the queries and the output) against the
+    expanded one on the same queries, latents and mask, on every layer of the case."""
+    _, _, ckpt = case
+    model = mistral.from_tensors(ckpt.args, ckpt.tensors, backend, "cpu", "float32")
+    rng = np.random.default_rng(3)
+    a = ckpt.args
+    B, T, K, H = 2, 3, 11, a.n_heads
+    arrays = [
+        rng.standard_normal((B, H, T, a.qk_nope_head_dim), dtype=np.float32),
+        rng.standard_normal((B, H, T, a.qk_rope_head_dim), dtype=np.float32),
+        rng.standard_normal((B, 1, K, a.kv_lora_rank), dtype=np.float32),
+        rng.standard_normal((B, 1, K, a.qk_rope_head_dim), dtype=np.float32),
+    ]
+    mask = rng.random((B, 1, T, K)) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    if backend == "torch":
+        import torch
+
+        inputs = [torch.from_numpy(x) for x in arrays] + [torch.from_numpy(mask)]
+        to_numpy = lambda t: t.detach().numpy()  # noqa: E731
+    else:
+        import mlx.core as mx
+
+        inputs = [mx.array(x) for x in arrays] + [mx.array(mask)]
+        to_numpy = np.array
+    for layer in model.runner.model.layers:
+        attention = layer.attention
+        expanded = to_numpy(attention.expanded(*inputs))
+        absorbed = to_numpy(attention.absorbed(*inputs))
+        assert expanded.shape == (B, H, T, a.v_head_dim)
+        assert np.abs(expanded - absorbed).max() <= 1e-5
