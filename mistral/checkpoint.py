@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,26 @@ VISION_PREFIXES = (
 )
 
 
+# Mistral Small 4's consolidated files hold a layer's router and experts beside its attention
+# (layers.N.gate, layers.N.experts.E.w1, layers.N.shared_experts.w1), not under feed_forward.
+_BESIDE = re.compile(r"(layers\.\d+\.)(gate|experts|shared_experts)\.")
+_UNDER = re.compile(r"(layers\.\d+\.)feed_forward\.(gate|experts|shared_experts)\.")
+
+
+def spec_names(tensors: Tensors) -> Tensors:
+    """A consolidated file's names as the spec's: experts beside attention moved under
+    feed_forward."""
+    return {_BESIDE.sub(r"\1feed_forward.\2.", k, count=1): t for k, t in tensors.items()}
+
+
+def mistral_names(args: ModelArgs, tensors: Tensors) -> Tensors:
+    """The spec's names as Mistral's consolidated files spell them: a latent-attention model's
+    experts beside its attention (Mistral Small 4), Mixtral's under feed_forward."""
+    if not args.mla:
+        return tensors
+    return {_UNDER.sub(r"\1\2.", k, count=1): t for k, t in tensors.items()}
+
+
 def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
     params = read_json(path / "params.json")
     args = ModelArgs.from_params(params, str(path / "params.json"))
@@ -123,7 +144,7 @@ def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
         raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
     if isinstance(params, dict) and any(k in params for k in VISION_KEYS):  # run: the decoder
         tensors = {k: t for k, t in tensors.items() if not k.startswith(VISION_PREFIXES)}
-    return args, tensors
+    return args, spec_names(tensors)
 
 
 def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
@@ -240,6 +261,7 @@ def write_checkpoint(
     (path / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
     items = list(tensors.items())
     if fmt == "mistral":
+        items = list(mistral_names(args, tensors).items())
         write_tensors(path / "consolidated.safetensors", items, dtype, progress)
     elif out_dtype == "bfloat16":  # numpy's .npy has no bfloat16: MLX reads safetensors as well
         write_tensors(path / "weights.safetensors", items, dtype, progress)

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from mistral import quant
+from mistral import hf_latent, quant
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor, gather_fp8
 from mistral.quant import QuantizedTensor
-from mistral.weights import RawTensor
+from mistral.weights import RawTensor, StackedTensor
 
 # A mistral3 folder's names: the decoder under a prefix, the vision tower and projector beside it
 # (transformers 5 writes model.language_model.*, earlier releases language_model.model.*).
@@ -61,7 +61,9 @@ _NAMES = [
         "layers.{i}.feed_forward.experts.{e}.w3.weight",
         "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     ),
-    # Latent attention and DeepSeekMoE (deepseek_v2, deepseek_v3, mistral4)
+]
+# Latent attention and DeepSeekMoE (deepseek_v2, deepseek_v3, mistral4): experts under mlp.
+_LATENT_NAMES = [
     ("layers.{i}.attention.wq_a.weight", "model.layers.{i}.self_attn.q_a_proj.weight"),
     ("layers.{i}.attention.q_a_norm.weight", "model.layers.{i}.self_attn.q_a_layernorm.weight"),
     ("layers.{i}.attention.wq_b.weight", "model.layers.{i}.self_attn.q_b_proj.weight"),
@@ -93,7 +95,8 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _TO_HF = [(_pattern(m), h) for m, h in _NAMES]
-_FROM_HF = [(_pattern(h), m) for m, h in _NAMES]
+_TO_HF_LATENT = [(_pattern(m), h) for m, h in _LATENT_NAMES + _NAMES]
+_FROM_HF = [(_pattern(h), m) for m, h in _NAMES + _LATENT_NAMES]
 
 
 def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
@@ -103,8 +106,8 @@ def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
-def to_hf_name(name: str) -> str | None:
-    return _rename(name, _TO_HF)
+def to_hf_name(name: str, latent: bool = False) -> str | None:
+    return _rename(name, _TO_HF_LATENT if latent else _TO_HF)
 
 
 def from_hf_name(name: str) -> str | None:
@@ -230,8 +233,30 @@ def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str
             t = permute_rows(t, args.n_heads, to_hf=True)
         elif key.endswith("attention.wk.weight"):
             t = permute_rows(t, args.n_kv_heads, to_hf=True)
-        name = to_hf_name(key)
+        name = to_hf_name(key, args.mla)
         if name is None:
             raise MistralError(f"{key} has no Hugging Face name: not a tensor of the spec")
         out[name] = t
+    return fuse_experts(args, out) if args.mla and hf_latent.model_type(args) == "mistral4" else out
+
+
+def fuse_experts(args: ModelArgs, tensors: dict[str, RawTensor]) -> dict[str, Any]:
+    """transformers' mistral4 reads each layer's experts fused (it ignores them one by one):
+    gate_up_proj (E, 2 hidden, dim) and down_proj (E, dim, hidden), stacked as written."""
+    assert args.moe is not None
+    out: dict[str, Any] = {}
+    n = args.moe.num_experts
+    for name, t in tensors.items():
+        match = re.match(r"(model\.layers\.\d+\.mlp\.experts\.)0\.gate_proj\.weight$", name)
+        if match:
+            p = match.group(1)
+            up = [
+                (tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"])
+                for e in range(n)
+            ]
+            out[p + "gate_up_proj"] = StackedTensor(t.dtype, tuple(up))
+            down = tuple((tensors[f"{p}{e}.down_proj.weight"],) for e in range(n))
+            out[p + "down_proj"] = StackedTensor(t.dtype, down)
+        elif ".mlp.experts." not in name:
+            out[name] = t
     return out

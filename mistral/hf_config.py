@@ -21,6 +21,7 @@ CLASSES = {
     "mixtral": "MixtralForCausalLM",
     "ministral": "MinistralForCausalLM",
     "ministral3": "Ministral3ForCausalLM",
+    **hf_latent.CLASSES,
 }
 
 
@@ -170,7 +171,10 @@ def _args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
 
 def model_type(args: ModelArgs) -> str:
     """The transformers model type that holds these args: mixtral for MoE; ministral3 for YaRN,
-    query scaling or tied embeddings; ministral for windows that differ between layers."""
+    query scaling or tied embeddings; ministral for windows that differ between layers; for
+    latent attention, the type whose router the experts follow (mistral/hf_latent.py)."""
+    if args.mla:
+        return hf_latent.model_type(args)
     windows = args.layer_windows()
     mixed = len(set(windows)) > 1
     if len({w for w in windows if w is not None}) > 1:
@@ -223,6 +227,8 @@ def context(args: ModelArgs) -> int:
 
 def config_from_args(args: ModelArgs, dtype: str) -> dict[str, Any]:
     """The config.json transformers expects for these args."""
+    if args.mla:
+        return hf_latent.config_from_args(args, dtype)
     moe = args.moe
     kind = model_type(args)
     windows = args.layer_windows()

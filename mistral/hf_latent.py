@@ -7,6 +7,7 @@ from typing import Any
 
 from mistral.args import DEFAULT_ROPE_THETA, Llama4ScalingArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral.errors import MistralError
+from mistral.rope import yarn_mscale
 
 TYPES = ("deepseek_v2", "deepseek_v3", "mistral4")
 CLASSES = {
@@ -120,3 +121,97 @@ def args_from_config(
         raise MistralError(f"{source}: missing key {e.args[0]}") from None
     except MistralError as e:
         raise MistralError(f"{source}: {e}") from None
+
+
+def model_type(args: ModelArgs) -> str:
+    """The transformers type whose router is these args': deepseek_v2 (softmax, unnormalized,
+    groups by their best expert), deepseek_v3 (sigmoid with a bias) or mistral4 (softmax,
+    normalized, groups by their best two)."""
+    m = args.moe
+    if m is None or m.num_experts_per_tok == 0:
+        raise MistralError(
+            "transformers has latent attention only with experts (deepseek, mistral4)"
+        )
+    grouped = m.num_expert_groups > 1
+    if m.scoring_func == "sigmoid":
+        kind = "deepseek_v3"
+    elif not m.norm_topk_prob and (m.group_scoring == "max" or not grouped):
+        kind = "deepseek_v2"
+    elif m.norm_topk_prob and (m.group_scoring == "top2" or not grouped):
+        kind = "mistral4"
+    else:
+        raise MistralError("no transformers router scores groups this way with these weights")
+    if kind != "mistral4" and args.llama_4_scaling is not None:
+        raise MistralError(f"transformers' {kind} has no query scaling by position")
+    return kind
+
+
+def rope_parameters(args: ModelArgs, kind: str) -> dict[str, Any]:
+    """rope_parameters as transformers' latent types read them: the attention factor written
+    out (Mistral's apply_scale), mscale_all_dim for the softmax, mistral4's query scaling."""
+    y, s = args.yarn, args.llama_4_scaling
+    rope: dict[str, Any] = {"rope_type": "yarn" if y else "default", "rope_theta": args.rope_theta}
+    if y:
+        rope |= {
+            "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_position_embeddings,
+            "beta_fast": y.beta,
+            "beta_slow": y.alpha,
+            "attention_factor": yarn_mscale(y.factor) if y.apply_scale else 1.0,
+        }
+        if y.mscale_all_dim is not None:
+            rope |= {"mscale": y.mscale_all_dim, "mscale_all_dim": y.mscale_all_dim}
+    if kind == "mistral4":  # its attention always scales the queries: beta 0 keeps them
+        rope["llama_4_scaling_beta"] = s.beta if s else 0.0
+        if s:
+            rope["original_max_position_embeddings"] = s.original_max_position_embeddings
+        rope.setdefault("original_max_position_embeddings", args.max_position_embeddings or 32768)
+        rope["partial_rotary_factor"] = args.qk_rope_head_dim / args.head_dim
+    return rope
+
+
+def config_from_args(args: ModelArgs, dtype: str) -> dict[str, Any]:
+    """The config.json of the transformers type these args need."""
+    kind, m = model_type(args), args.moe
+    assert m is not None
+    y = args.yarn
+    context = int(y.factor * y.original_max_position_embeddings) if y else 32768
+    config: dict[str, Any] = {
+        "architectures": [CLASSES[kind]],
+        "model_type": kind,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "intermediate_size": args.hidden_dim,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "rms_norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size,
+        "hidden_act": "silu",
+        "tie_word_embeddings": args.tied_embeddings,
+        "max_position_embeddings": args.max_position_embeddings or context,
+        "q_lora_rank": args.q_lora_rank,
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_nope_head_dim": args.qk_nope_head_dim,
+        "qk_rope_head_dim": args.qk_rope_head_dim,
+        "v_head_dim": args.v_head_dim,
+        # deepseek types read head_dim as the RoPE part; mistral4 as the whole query head
+        "head_dim": args.head_dim if kind == "mistral4" else args.qk_rope_head_dim,
+        "n_routed_experts": m.num_experts,
+        "num_experts_per_tok": m.num_experts_per_tok,
+        "n_shared_experts": m.num_shared_experts or None,
+        "moe_intermediate_size": m.expert_hidden_dim or args.hidden_dim,
+        "first_k_dense_replace": m.first_k_dense_replace,
+        "routed_scaling_factor": m.routed_scale,
+        "n_group": m.num_expert_groups,
+        "topk_group": m.num_expert_groups_per_tok,
+        "norm_topk_prob": m.norm_topk_prob,
+        "rope_parameters": rope_parameters(args, kind),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+    if kind == "deepseek_v2":
+        config["topk_method"] = "group_limited_greedy" if m.num_expert_groups > 1 else "greedy"
+    else:
+        config["rope_interleave"] = True  # the RoPE part stays in pair order
+    return config

@@ -64,6 +64,31 @@ class RawTensor:
         return self.data.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class StackedTensor:
+    """Tensors stacked along a new first axis, each the concatenation of its parts along their
+    rows, made only when written (transformers' fused mistral4 experts: gate_up_proj)."""
+
+    dtype: str
+    parts: tuple[tuple[RawTensor, ...], ...]  # per stacked entry, its row blocks
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.parts[0]
+        return (len(self.parts), sum(p.shape[0] for p in first), *first[0].shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.shape, self.dtype)
+
+    @property
+    def data(self) -> np.ndarray:
+        return np.stack([np.concatenate([p.data for p in blocks]) for blocks in self.parts])
+
+    def to_numpy(self) -> np.ndarray:
+        return RawTensor(self.dtype, self.data).to_numpy()
+
+
 def from_numpy(a: np.ndarray, dtype: str | None = None) -> RawTensor:
     """Wraps a float array, cast to ``dtype`` (bfloat16 rounds to nearest even)."""
     dtype = dtype or str(a.dtype)

@@ -124,9 +124,9 @@ MUTANTS = [
     (
         "routing softmax in the half dtype",  # torch's own bf16 softmax is float32 inside
         "backends/torch/model.py",
-        "F.softmax(weights, dim=-1, dtype=torch.float32)",
-        "(weights - weights.amax(-1, keepdim=True)).exp()"
-        " / (weights - weights.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)",
+        "    logits = logits.float()\n    scores = logits.softmax(-1)",
+        "    e = (logits - logits.amax(-1, keepdim=True)).exp()\n"
+        "    scores = e / e.sum(-1, keepdim=True)",
         ["tests/test_embedded.py"],
     ),
     (
@@ -156,6 +156,41 @@ MUTANTS = [
         "return w * (self.n_layers // len(w))",
         "return [w[0]] * self.n_layers",
         ["tests/test_families.py"],
+    ),
+    (
+        "latent softmax scale without its square",
+        "mistral/rope.py",
+        "return head_dim**-0.5 * extra**2",
+        "return head_dim**-0.5 * extra",
+        ["tests/test_latent.py"],
+    ),
+    (
+        "groups scored the other way",
+        "backends/mlx/model.py",
+        '1 if moe.group_scoring == "max" else 2',
+        '2 if moe.group_scoring == "max" else 1',
+        ["tests/test_latent.py"],
+    ),
+    (
+        "router bias ignored",
+        "backends/torch/model.py",
+        "choice = scores if bias is None else scores + bias.float()",
+        "choice = scores",
+        ["tests/test_latent.py"],
+    ),
+    (
+        "absorbed queries off by 0.1%",
+        "backends/torch/model.py",
+        "queries = torch.cat([q_nope @ w_k, q_rope], dim=-1)",
+        "queries = torch.cat([q_nope @ w_k * 1.001, q_rope], dim=-1)",
+        ["tests/test_latent.py"],
+    ),
+    (
+        "the dense first layers routed",
+        "mistral/args.py",
+        "return self.moe is not None and layer >= self.moe.first_k_dense_replace",
+        "return self.moe is not None",
+        ["tests/test_latent.py"],
     ),
 ]
 

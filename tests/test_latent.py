@@ -5,12 +5,15 @@ groups scored by their best two) and DeepSeek-V3 (a sigmoid router with its bias
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 import mistral
 from mistral import contract, hf_latent
-from mistral.checkpoint import read_checkpoint
+from mistral.checkpoint import read_checkpoint, write_checkpoint
+from mistral.safetensors_file import read_tensors
 from tests.helpers import hf_greedy, hf_logits, max_diff, random_rows, seeded
 
 ORIGINAL = 8  # YaRN's original context: the rows and the generation run well past it
@@ -33,7 +36,9 @@ SHAPE = dict(
     rms_norm_eps=1e-6,
     max_position_embeddings=4 * 8,
 )
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=ORIGINAL)
+YARN = dict(
+    rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=ORIGINAL
+)
 
 CASES = {
     # V2-Lite: queries straight from the hidden state, two shared experts, greedy top-k; YaRN
@@ -184,3 +189,63 @@ def test_the_absorbed_form_is_the_expanded_form(case, backend):
         absorbed = to_numpy(attention.absorbed(*inputs))
         assert expanded.shape == (B, H, T, a.v_head_dim)
         assert np.abs(expanded - absorbed).max() <= 1e-5
+
+
+def mlx_lm_from_folder(folder):
+    """mlx-lm's own model of a folder transformers saved. Its deepseek_v2 reads YaRN from
+    rope_scaling (transformers 5 writes rope_parameters) and needs one: the config says both."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("rope_scaling", config.get("rope_parameters"))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    weights = mx.load(str(folder / "model.safetensors"))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "mistral4", "deepseek_v3"])
+def test_mlx_matches_mlx_lm(name, tmp_path):
+    """mlx-lm's deepseek_v2, mistral4 and deepseek_v3 on the folder transformers saved, past
+    YaRN's original context. (Its deepseek_v2 runs only with YaRN: the greedy-groups case, with
+    plain RoPE, is compared with transformers alone.)"""
+    from tests.helpers import mlx_lm_logits
+
+    hf_model_of(CASES[name]).save_pretrained(tmp_path)
+    ckpt = read_checkpoint(tmp_path)
+    ours = mistral.from_tensors(ckpt.args, ckpt.tensors, "mlx", "cpu", "float32")
+    rows = random_rows([5 * ORIGINAL + 3, 9], ckpt.args.vocab_size, 5)
+    assert max_diff(ours.logits(rows), mlx_lm_logits(mlx_lm_from_folder(tmp_path), rows)) <= 1e-4
+
+
+def test_mistral_and_hugging_face_layouts_round_trip(case, tmp_path):
+    """params.json keeps the latent keys and Mistral Small 4's names (experts beside attention);
+    back in Hugging Face's layout, transformers loads the folder (mistral4's experts fused) and
+    computes, bit for bit, what it computes from the folder it saved itself. (Not the in-memory
+    model: its own save and load already move the logits by ~2e-7.)"""
+    import transformers
+
+    name, _, ckpt = case
+    write_checkpoint(tmp_path / "m", "mistral", ckpt.args, ckpt.tensors)
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert params["kv_lora_rank"] == 16 and params["moe"]["first_k_dense_replace"] == 1
+    stored = read_tensors(tmp_path / "m" / "consolidated.safetensors")
+    assert "layers.1.experts.0.w1.weight" in stored and "layers.1.gate.weight" in stored
+    assert not any(".feed_forward.experts." in k for k in stored)
+    back = read_checkpoint(tmp_path / "m")
+    assert back.args == ckpt.args
+    write_checkpoint(tmp_path / "h", "hf", back.args, back.tensors)
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["model_type"] == CASES[name]["model_type"]
+    again = read_checkpoint(tmp_path / "h")
+    assert again.args == ckpt.args
+    for key, t in ckpt.tensors.items():
+        assert np.array_equal(again.tensors[key].data, t.data), key
+    cls = getattr(transformers, hf_latent.CLASSES[config["model_type"]])
+    ours = cls.from_pretrained(tmp_path / "h", attn_implementation="eager")
+    theirs = cls.from_pretrained(ckpt.path, attn_implementation="eager")
+    rows = random_rows([3 * ORIGINAL], ckpt.args.vocab_size, 6)
+    assert max_diff(hf_logits(ours, rows), hf_logits(theirs, rows)) == 0.0

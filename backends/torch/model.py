@@ -118,28 +118,30 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_a_norm(self.wq_a(x)))
-        q = q.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, H, T, nope + rope)
+        q = q.reshape(B, T, self.n_heads, -1).swapaxes(1, 2)  # (B, H, T, nope + rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.wkv_a_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_norm(latent)[:, None]  # (B, 1, T, rank)
         q_rope = self.tap("q", rope(q_rope, step))  # (B, H, T, rope)
         k_rope = self.tap("k", rope(k_rope[:, None], step))  # (B, 1, T, rope)
         if step.q_scale is not None:  # Mistral Small 4 scales the whole query by position
-            q_nope, q_rope = q_nope * step.q_scale.to(q.dtype), q_rope * step.q_scale.to(q.dtype)
+            s = step.q_scale.to(q.dtype)
+            q_nope, q_rope = q_nope * s, q_rope * s
 
         latents, k_ropes = (latent, k_rope) if cache is None else cache.update(latent, k_rope, step)
         attend = self.absorbed if step.key_layout == "cache" else self.expanded
         out = attend(q_nope, q_rope, latents, k_ropes, step.mask)  # (B, H, T, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.swapaxes(1, 2).reshape(B, T, -1))
 
     def expanded(
         self, q_nope: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor
     ) -> Tensor:
         """Keys and values of every head from the (B, 1, K, rank) latents."""
         B, _, K, _ = latents.shape
-        kv = self.wkv_b(latents[:, 0]).view(B, K, self.n_heads, -1).transpose(1, 2)
+        kv = self.wkv_b(latents[:, 0]).reshape(B, K, self.n_heads, -1).swapaxes(1, 2)
         k_nope, values = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, K, nope | v)
-        keys = torch.cat([k_nope, k_ropes.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        k_ropes = torch.broadcast_to(k_ropes, (B, self.n_heads, K, self.rope))
+        keys = torch.cat([k_nope, k_ropes], dim=-1)
         queries = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
         return F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=self.scale
@@ -150,14 +152,14 @@ class LatentAttention(nn.Module):
     ) -> Tensor:
         """The same attention with wkv_b folded in: q_nope . (W_k c) = (q_nope W_k) . c, and the
         values' product W_v moved past the weighted sum over the latents c."""
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w = self.wkv_b.weight.reshape(self.n_heads, self.nope + self.v_dim, self.rank)
         w_k, w_v = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, rank), (H, v, rank)
         queries = torch.cat([q_nope @ w_k, q_rope], dim=-1)  # (B, H, T, rank + rope)
-        keys = torch.cat([latents, k_ropes], dim=-1)  # (B, 1, K, rank + rope), one for all heads
+        keys = torch.cat([latents, k_ropes], dim=-1)  # (B, 1, K, rank + rope), for all heads
         out = F.scaled_dot_product_attention(
             queries, keys, latents, attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # (B, H, T, rank)
-        return out @ w_v.transpose(1, 2)  # (B, H, T, v)
+        return out @ w_v.swapaxes(1, 2)  # (B, H, T, v)
 
 
 class FeedForward(nn.Module):
@@ -179,22 +181,21 @@ class Router(Linear):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(n_experts)) if biased else None
 
 
-def route(
-    logits: torch.Tensor, bias: torch.Tensor | None, moe: MoeArgs
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: Tensor, bias: Tensor | None, moe: MoeArgs) -> tuple[Tensor, Tensor]:
     """(N, E) gate logits -> the chosen experts (N, k) and their float32 weights (N, k): softmax
     (or sigmoid) scores; experts picked by score (+ bias) among the best groups' experts."""
-    scores = (
-        logits.float().softmax(-1) if moe.scoring_func == "softmax" else logits.float().sigmoid()
-    )
+    logits = logits.float()
+    scores = logits.softmax(-1) if moe.scoring_func == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
     if moe.num_expert_groups > 1:  # a group scores by its best expert, or its best two
         groups = choice.unflatten(-1, (moe.num_expert_groups, -1))  # (N, G, E / G)
         best = groups.topk(1 if moe.group_scoring == "max" else 2, dim=-1).values.sum(-1)
-        kept = best.topk(moe.num_expert_groups_per_tok, dim=-1).indices  # (N, G')
+        g = moe.num_expert_groups_per_tok
+        kept = best.topk(g, dim=-1).indices  # (N, G')
         keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, kept, True)
         choice = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-    chosen = choice.topk(moe.num_experts_per_tok, dim=-1).indices  # (N, k)
+    k = moe.num_experts_per_tok
+    chosen = choice.topk(k, dim=-1).indices  # (N, k)
     weights = scores.gather(1, chosen)
     if moe.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
