@@ -39,7 +39,13 @@ from mistral.contract import REFERENCES, backend, reference
 from mistral.fp8 import FP8Tensor
 from mistral.measure import Meter, Timing, cpu_cores, held_now, timed_run
 from mistral.quant import QuantizedTensor
-from mistral.weights import RawTensor
+from mistral.weights import (
+    RawTensor,
+    attention_shapes,
+    cached_numbers,
+    ffn_shapes,
+    latent_attention_shapes,
+)
 
 SPREAD = 2.0  # repeats of a figure spread wider than this (max / min) make its ratio unreliable
 PACKAGES = ("numpy", "torch", "mlx", "transformers", "mlx-lm")  # versions in the report
@@ -109,8 +115,7 @@ def decode_bytes(
             n = n * min(1.0, batch * args.moe.num_experts_per_tok / args.moe.num_experts)
         total += int(n)
     keys = sum(min(context, w or context) for w in args.layer_windows())  # over the layers
-    kv = 2 * args.n_kv_heads * args.head_dim * keys * dtype_bytes * batch
-    return total + kv
+    return total + cached_numbers(args) * keys * dtype_bytes * batch
 
 
 def prefill_flops(args: ModelArgs, prompt_len: int, batch: int) -> int:
@@ -118,14 +123,18 @@ def prefill_flops(args: ModelArgs, prompt_len: int, batch: int) -> int:
     prompt token (of the experts, the chosen ones), attention over the keys each token sees, and
     the output projection for the last token of each row only, as ours computes."""
     a = args
-    attention = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wk, wv, wo
-    ffn = 3 * a.dim * a.hidden_dim
-    if a.moe:
-        ffn = ffn * a.moe.num_experts_per_tok + a.dim * a.moe.num_experts  # chosen experts, gate
+    attention = latent_attention_shapes(a) if a.mla else attention_shapes(a)
+    projections = a.n_layers * sum(int(np.prod(s)) for s in attention.values() if len(s) == 2)
+    for layer in range(a.n_layers):
+        for name, shape in ffn_shapes(a, layer).items():
+            routed = a.moe is not None and name.startswith("experts.")
+            chosen = a.moe.num_experts_per_tok / a.moe.num_experts if routed else 1  # type: ignore
+            projections += int(np.prod(shape) * chosen) if len(shape) == 2 else 0
     seen = sum(  # keys seen, over the queries and the layers
         sum(min(t, w or prompt_len) for t in range(1, prompt_len + 1)) for w in a.layer_windows()
     )
-    per_row = a.n_layers * prompt_len * (attention + ffn) + 2 * a.n_heads * a.head_dim * seen
+    qk, v = (a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim) if a.mla else (a.head_dim,) * 2
+    per_row = prompt_len * projections + a.n_heads * (qk + v) * seen  # type: ignore[operator]
     return 2 * batch * (per_row + a.dim * a.vocab_size)
 
 

@@ -39,6 +39,8 @@ def local_args(args: ModelArgs, shard: Shard) -> ModelArgs:
     w = shard.world
     if args.moe is not None:
         raise MistralError("tensor parallelism of MoE layers is not supported yet")
+    if args.mla:
+        raise MistralError("tensor parallelism of latent attention is not supported yet")
     for name in ("n_heads", "n_kv_heads", "hidden_dim"):
         if getattr(args, name) % w:
             raise MistralError(f"{name} ({getattr(args, name)}) does not split over {w} ranks")

@@ -50,7 +50,7 @@ def tap_names(args: ModelArgs) -> list[str]:
     """Every tap of a model, in the order the forward produces them."""
     names = ["embeddings"]
     for i in range(args.n_layers):
-        names += [f"layers.{i}.{t}" for t in LAYER_TAPS if args.moe or t not in MOE_ONLY]
+        names += [f"layers.{i}.{t}" for t in LAYER_TAPS if args.moe_layer(i) or t not in MOE_ONLY]
     return [*names, "norm", "logits"]
 
 

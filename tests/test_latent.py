@@ -249,3 +249,34 @@ def test_mistral_and_hugging_face_layouts_round_trip(case, tmp_path):
     theirs = cls.from_pretrained(ckpt.path, attn_implementation="eager")
     rows = random_rows([3 * ORIGINAL], ckpt.args.vocab_size, 6)
     assert max_diff(hf_logits(ours, rows), hf_logits(theirs, rows)) == 0.0
+
+
+# mlx-lm's deepseek_v2 runs only with YaRN: the groups case is diffed with transformers alone
+DIFFS = [(name, "hf:cpu:float32") for name in CASES]
+DIFFS += [(name, "mlx-lm:cpu:float32") for name in CASES if name != "deepseek_v2-groups"]
+
+
+@pytest.mark.parametrize("name, side", DIFFS)
+def test_diff_lines_the_taps_up_with_the_references(name, side, tmp_path):
+    """Every tap (the RoPE parts of q and k, attention, the router's logits and the experts it
+    chose under groups and bias) of ours against transformers' and mlx-lm's own models, uncached
+    and in six greedy steps (--generate)."""
+    from mistral.diff import load_side, run_diff
+    from mistral.taps import tap_names
+
+    hf_model_of(CASES[name]).save_pretrained(tmp_path)
+    ckpt = read_checkpoint(tmp_path)
+    tokens = random_rows([3 * ORIGINAL], ckpt.args.vocab_size, 7)[0]
+    ours, theirs = load_side("torch:cpu:float32", ckpt), load_side(side, ckpt)
+    report = run_diff(ours, theirs, tokens)
+    assert [t.name for t in report.taps] == tap_names(ckpt.args)
+    assert report.agree, report.table()
+    assert run_diff(ours, theirs, tokens, generate=6).agree
+
+
+def test_mlx_lm_deepseek_v2_without_yarn_is_refused_in_one_line(tmp_path):
+    from mistral.diff import load_side
+
+    hf_model_of(CASES["deepseek_v2-groups"]).save_pretrained(tmp_path)
+    with pytest.raises(mistral.MistralError, match="runs only with YaRN"):
+        load_side("mlx-lm:cpu:float32", read_checkpoint(tmp_path))

@@ -3,7 +3,9 @@
 mlx-lm's Mistral (its llama model) applies a sliding window only to layers listed in layer_types and
 needs at least one full-attention layer, so it attends past Mistral's window; diffs say so.
 Ministral 8B (transformers' ministral, which mlx-lm lacks) runs on its llama with the layer_types;
-Ministral 3 on its ministral3, Mixtral on its mixtral.
+Ministral 3 on its ministral3, Mixtral on its mixtral, the latent families on its deepseek_v2,
+deepseek_v3 and mistral4 (whose routers return the chosen experts, not the logits: those are
+the gate's product of its input, computed here from its weight).
 """
 
 from __future__ import annotations
@@ -74,12 +76,17 @@ class MlxLmReference:
             args, dtype_name(resolve_dtype(dtype, resolve_device(device)))
         )
         kind = {"mistral": "llama", "ministral": "llama"}.get(config["model_type"])
+        if config["model_type"] == "deepseek_v2":  # its deepseek_v2 reads rope_scaling, a YaRN
+            if args.yarn is None:
+                raise MistralError("mlx-lm's deepseek_v2 runs only with YaRN RoPE")
+            config["rope_scaling"] = config["rope_parameters"]
         try:
             family = importlib.import_module(f"mlx_lm.models.{kind or config['model_type']}")
         except ImportError:
             raise MistralError(
                 "the mlx-lm reference needs mlx-lm: pip install mlx-lm (or '.[mlx-lm]')"
             ) from None
+        self.family = family
         self.args = args
         self.mx_device = resolve_device(device)
         dt = resolve_dtype(dtype, self.mx_device)
@@ -118,6 +125,7 @@ class MlxLmReference:
             setattr(owner, attr, Tapped(getattr(owner, attr), keep, given, returns))
 
         inner = self.model.model
+        ffn = "block_sparse_moe" if self.args.moe and not self.args.mla else "mlp"
         for i, layer in enumerate(inner.layers):
             p = f"layers.{i}."
             wrap(layer.self_attn, "rope", None, p + "rope")
@@ -125,31 +133,58 @@ class MlxLmReference:
             before = f"layers.{i - 1}.residual" if i else "embeddings"
             wrap(layer, "input_layernorm", before, p + "attention_norm")
             wrap(layer, "post_attention_layernorm", None, p + "ffn_norm")
-            if self.args.moe:
-                wrap(layer.block_sparse_moe, "gate", None, p + "router_logits")
-            wrap(layer, "block_sparse_moe" if self.args.moe else "mlp", None, p + "feed_forward")
+            if self.args.moe_layer(i):  # DeepSeek's gates return (chosen, weights)
+                routes = not isinstance(getattr(layer, ffn).gate, nn.Linear)
+                wrap(
+                    getattr(layer, ffn), "gate", None, p + ("chosen" if routes else "router_logits")
+                )
+            wrap(layer, ffn, None, p + "feed_forward")
         wrap(inner, "norm", f"layers.{len(inner.layers) - 1}.residual", "norm")
+        selects: list[mx.array] = []  # mistral4's gate gives logits, its select the experts
+        select = getattr(self.family, "mistral4_expert_select", None)
+        if select is not None:
+
+            def recorded(*a: Any) -> Any:
+                chosen, weights = select(*a)
+                selects.append(chosen)
+                return chosen, weights
+
+            self.family.mistral4_expert_select = recorded
         try:
             yield taps
         finally:
             for owner, attr, original in reversed(swaps):
                 setattr(owner, attr, original)
+            if select is not None:
+                self.family.mistral4_expert_select = select
+            moe_layers = [i for i in range(self.args.n_layers) if self.args.moe_layer(i)]
+            for i, chosen in zip(moe_layers, selects, strict=False):
+                taps[f"layers.{i}.chosen"] = chosen
 
     def as_taps(self, taps: dict[str, mx.array], logits: mx.array) -> dict[str, np.ndarray]:
         """Recorded taps and (1, T, V) logits in mistral.taps' layout, float32 (T, ...)."""
+        taps = {k: v[0] if isinstance(v, tuple) else v for k, v in taps.items()}  # (chosen, w)
         mx.eval(taps, logits)
         out = {k: np.array(v.astype(mx.float32))[0] for k, v in taps.items()}
         for i in range(self.args.n_layers):
-            for name in ("q", "k"):  # (H, T, D) in half order -> (T, H, D) in pair order
-                out[f"layers.{i}.{name}"] = halves_to_pairs(
-                    out[f"layers.{i}.{name}"].transpose(1, 0, 2)
-                )
-            if self.args.moe:
-                r = out[f"layers.{i}.router_logits"]
-                k = self.args.moe.num_experts_per_tok
-                out[f"layers.{i}.experts"] = chosen_experts(r, k)
+            for name in ("q", "k"):  # (H, T, D) -> (T, H, D); latent attention's in pair order
+                a = out[f"layers.{i}.{name}"].transpose(1, 0, 2)
+                out[f"layers.{i}.{name}"] = a if self.args.mla else halves_to_pairs(a)
+            if self.args.moe_layer(i):
+                self.routing_taps(out, i)
         out["logits"] = np.array(logits.astype(mx.float32))[0]
         return out
+
+    def routing_taps(self, out: dict[str, np.ndarray], i: int) -> None:
+        """Layer i's router logits and chosen experts (sorted), from what its gate gave."""
+        p = f"layers.{i}."
+        if p + "router_logits" not in out:  # the gate's product of its input, the ffn norm
+            weight = np.array(self.model.model.layers[i].mlp.gate.weight.astype(mx.float32))
+            out[p + "router_logits"] = out[p + "ffn_norm"] @ weight.T
+        chosen = out.pop(p + "chosen", None)
+        k = self.args.moe.num_experts_per_tok  # type: ignore[union-attr]
+        r = out[p + "router_logits"]
+        out[p + "experts"] = chosen_experts(r, k) if chosen is None else np.sort(chosen, -1)
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         with mx.stream(self.mx_device), self.recording() as taps:

@@ -22,9 +22,18 @@ from mistral.measure import Timing, timed_run
 from mistral.taps import chosen_experts, kind
 from mistral.weights import RawTensor
 
+# The function each family rotates q and k with, and the order its output is in: latent
+# attention rotates only the RoPE part, DeepSeek-V2 as complex pairs, the others into halves.
+ROTARY = {
+    "deepseek_v2": ("apply_rotary_emb", "pairs"),
+    "deepseek_v3": ("apply_rotary_pos_emb_interleave", "halves"),
+    "mistral4": ("apply_rotary_pos_emb_interleave", "halves"),
+}
+
 
 class HFReference:
-    """A Mistral/MixtralForCausalLM holding the same weights, loaded by transformers."""
+    """transformers' model of the family (mistral, mixtral, ministral, ministral3, deepseek_v2,
+    deepseek_v3, mistral4) holding the same weights, loaded by transformers."""
 
     def __init__(
         self,
@@ -44,8 +53,9 @@ class HFReference:
         dt = resolve_dtype(dtype, dev)
         self.device, self.dtype = str(dev), dtype_name(dt)
         self.meter = Meter(args, device, dtype)
-        family = hf_config.model_type(args)  # mistral, mixtral, ministral or ministral3
+        family = hf_config.model_type(args)
         cls = getattr(transformers, hf_config.CLASSES[family])
+        self.rotary, self.rotary_order = ROTARY.get(family, ("apply_rotary_pos_emb", "halves"))
         with tempfile.TemporaryDirectory() as tmp:  # transformers' own loader does its conversions
             write_checkpoint(tmp, "hf", args, dict(tensors))
             model = cls.from_pretrained(tmp, dtype=dt)  # its default attention (sdpa)
@@ -65,6 +75,8 @@ class HFReference:
         def record(name: str) -> Callable:
             def hook(module, inputs, output) -> None:
                 taps[name] = output[0] if isinstance(output, tuple) else output
+                if isinstance(output, tuple) and len(output) == 3:  # DeepSeek's router
+                    taps[name.replace("router_logits", "chosen")] = output[2]
 
             return hook
 
@@ -78,10 +90,10 @@ class HFReference:
                 (p + "feed_forward", layer.mlp),
                 (p + "residual", layer),
             ]
-            if self.args.moe:
+            if self.args.moe_layer(i):
                 modules.append((p + "router_logits", layer.mlp.gate))
         hooks = [m.register_forward_hook(record(name)) for name, m in modules]
-        original, calls = self.modeling.apply_rotary_pos_emb, iter(range(self.args.n_layers))
+        original, calls = getattr(self.modeling, self.rotary), iter(range(self.args.n_layers))
 
         def rope(*a, **kw):
             q, k = original(*a, **kw)
@@ -89,11 +101,11 @@ class HFReference:
             taps[f"layers.{i}.q"], taps[f"layers.{i}.k"] = q, k
             return q, k
 
-        self.modeling.apply_rotary_pos_emb = rope
+        setattr(self.modeling, self.rotary, rope)
         try:
             yield taps
         finally:
-            self.modeling.apply_rotary_pos_emb = original
+            setattr(self.modeling, self.rotary, original)
             for h in hooks:
                 h.remove()
 
@@ -102,15 +114,20 @@ class HFReference:
         out = {}
         for name, t in taps.items():
             a = t.float().cpu().numpy()
-            if kind(name) in ("q", "k"):  # (1, H, T, D) in half order -> (T, H, D) in pairs
-                out[name] = halves_to_pairs(a[0].transpose(1, 0, 2))
+            if kind(name) in ("q", "k"):  # (1, H, T, D) -> (T, H, D) in pair order
+                a = a[0].transpose(1, 0, 2)
+                out[name] = halves_to_pairs(a) if self.rotary_order == "halves" else a
             else:  # the router's logits come as (T, E), the rest as (1, T, ...)
                 out[name] = a[0] if a.ndim == 3 else a
-        if self.args.moe:
-            k = self.args.moe.num_experts_per_tok
-            for i in range(self.args.n_layers):
-                r = out[f"layers.{i}.router_logits"]
-                out[f"layers.{i}.experts"] = chosen_experts(r, k)
+        for i in range(self.args.n_layers):
+            if not self.args.moe_layer(i):
+                continue
+            chosen = out.pop(f"layers.{i}.chosen", None)  # as the router chose (groups, bias)
+            r = out[f"layers.{i}.router_logits"]
+            k = self.args.moe.num_experts_per_tok  # type: ignore[union-attr]
+            out[f"layers.{i}.experts"] = (
+                chosen_experts(r, k) if chosen is None else np.sort(chosen.astype(np.int64), -1)
+            )
         out["logits"] = logits[0].float().cpu().numpy()
         return out
 

@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from mistral.args import ModelArgs
 from mistral.chat import template_version
-from mistral.checkpoint import FORMATS, read_checkpoint, write_checkpoint
+from mistral.checkpoint import CONFIGS, FORMATS, read_checkpoint, write_checkpoint
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
 from mistral.hf_tokenizer import tokenizer_files
 from mistral.quant import Quantization, QuantizedTensor
 from mistral.tokenizer import Tokenizer
-from mistral.weights import cast_nbytes, check_tensors
+from mistral.weights import cached_numbers, cast_nbytes, check_tensors
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Info:
             "dtype": ",".join(dtypes),
             "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
             "quantization": quantization_of(ckpt.tensors),
+            "cache_bytes_per_token": cache_per_token(ckpt.args),
             "tokenizer": None,
         }
         if ckpt.tokenizer_path:
@@ -60,15 +61,20 @@ class Info:
             print(json.dumps(info, indent=2))
             return
         a = ckpt.args
-        kind = f"MoE {a.moe.num_experts}x, top-{a.moe.num_experts_per_tok}" if a.moe else "dense"
         print(f"{ckpt.path}  ({ckpt.format} format)")
-        heads = f"{a.n_heads} heads / {a.n_kv_heads} kv heads of {a.head_dim}"
-        shape = f"{a.n_layers} layers, dim {a.dim}, {heads}, hidden {a.hidden_dim}"
-        print(f"  architecture  {shape}, {kind}")
+        heads = f"{a.n_heads} heads" if a.mla else f"{a.n_heads} heads / {a.n_kv_heads} kv heads"
+        shape = f"{a.n_layers} layers, dim {a.dim}, {heads} of {a.head_dim}, hidden {a.hidden_dim}"
+        print(f"  architecture  {shape}{'' if a.moe else ', dense'}")
+        if a.moe:
+            print(f"  experts       {describe_experts(a)}")
         tied = ", tied to the embeddings" if a.tied_embeddings else ""
         print(f"  vocabulary    {a.vocab_size}{tied}")
-        print(f"  attention     {describe_windows(a.layer_windows())}, norm_eps {a.norm_eps:g}")
+        print(f"  attention     {describe_attention(a)}, norm_eps {a.norm_eps:g}")
         print(f"  rope          {describe_rope(a)}")
+        seven = cache_per_token(ModelArgs.from_file(CONFIGS / "mistral-7b-v0.1.json"))
+        per_token = info["cache_bytes_per_token"]
+        kib = f"{per_token / 1024:,.1f} KiB per token in bfloat16"
+        print(f"  cache         {kib} over the layers (Mistral 7B: {seven / 1024:,.0f} KiB)")
         print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
         print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
         for kind, n in info["quantization"].items():
@@ -96,6 +102,41 @@ def quantization_of(tensors: dict) -> dict[str, int]:
     return {k: kinds.count(k) for k in sorted(set(kinds))}
 
 
+def cache_per_token(args: ModelArgs) -> int:
+    """Bytes the caches of every layer hold per token in bfloat16 (a windowed layer's too,
+    until it fills): keys and values, or latent attention's latent and RoPE key."""
+    return cached_numbers(args) * args.n_layers * 2
+
+
+def describe_experts(a: ModelArgs) -> str:
+    """'MoE 8x, top-2', with DeepSeekMoE's shared experts, dense layers and routing."""
+    m = a.moe
+    assert m is not None
+    out = f"MoE {m.num_experts}x, top-{m.num_experts_per_tok}"
+    if m.expert_hidden_dim:
+        out += f" of hidden {m.expert_hidden_dim}"
+    if m.num_shared_experts:
+        out += f", {m.num_shared_experts} shared"
+    if m.first_k_dense_replace:
+        out += f", first {m.first_k_dense_replace} layer(s) dense"
+    if m.scoring_func != "softmax" or not m.norm_topk_prob or m.routed_scale != 1:
+        norm = "normalized" if m.norm_topk_prob else "unnormalized"
+        out += f", {m.scoring_func} scores {norm} x{m.routed_scale:g}"
+    if m.num_expert_groups > 1:
+        g = m.num_expert_groups
+        out += f", best {m.num_expert_groups_per_tok} of {g} groups by {m.group_scoring}"
+    return out
+
+
+def describe_attention(a: ModelArgs) -> str:
+    windows = describe_windows(a.layer_windows())
+    if not a.mla:
+        return windows
+    q = "queries direct" if a.q_lora_rank is None else f"query rank {a.q_lora_rank}"
+    parts = f"{a.qk_nope_head_dim} + rope {a.qk_rope_head_dim}, v {a.v_head_dim}"
+    return f"latent (kv rank {a.kv_lora_rank}, {q}; heads {parts}), {windows}"
+
+
 def describe_windows(windows: list[int | None]) -> str:
     """'sliding window 4096 in every layer', or how many layers attend over which window."""
     counts = {w: windows.count(w) for w in dict.fromkeys(windows)}
@@ -111,6 +152,8 @@ def describe_rope(a: ModelArgs) -> str:
     if a.yarn:
         y = a.yarn
         scale = "q/k scaled" if y.apply_scale else "no magnitude scale"
+        if y.mscale_all_dim is not None:
+            scale += f", softmax x mscale({y.mscale_all_dim:g})^2"
         orig = y.original_max_position_embeddings
         out += f", YaRN x{y.factor:g} of {orig} (beta {y.beta:g}, alpha {y.alpha:g}, {scale})"
     if a.llama_4_scaling:
