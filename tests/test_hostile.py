@@ -507,3 +507,96 @@ def test_a_weights_file_may_not_link_out_of_the_folder(tmp_path, layout, name):
     (tmp_path / "m" / name).symlink_to(tmp_path / name)
     with pytest.raises(MistralError, match="points outside the model folder"):
         read_checkpoint(tmp_path / "m")
+
+
+def latent_args() -> mistral.ModelArgs:
+    """A tiny latent-attention model with DeepSeekMoE (mistral4's routing)."""
+    return mistral.ModelArgs.from_params(
+        {
+            **tiny("tiny-dense").to_params(),
+            "head_dim": 12,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+            "moe": {"num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"qk_rope_head_dim": None}, "latent attention needs qk_rope_head_dim too"),
+        ({"qk_rope_head_dim": 5}, "qk_rope_head_dim must be even"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer"),
+        ({"moe": {"num_experts": 4, "num_experts_per_tok": 2, "num_expert_groups": 3}}, "dividing"),
+        (
+            {"moe": {"num_experts": 4, "num_experts_per_tok": 3, "num_expert_groups": 2}},
+            "3 experts per token cannot come from 1 groups of 2",
+        ),
+        ({"moe": {"num_experts": 4, "num_experts_per_tok": 2, "scoring_func": "tanh"}}, "tanh"),
+        (
+            {"moe": {"num_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 99}},
+            "first_k_dense_replace must be a count from 0 to",
+        ),
+        (
+            {"yarn": {"factor": 4.0, "original_max_position_embeddings": 8, "mscale_all_dim": -1}},
+            "mscale_all_dim must be a positive finite number",
+        ),
+    ],
+)
+def test_latent_params_that_make_no_sense(change, message):
+    params = {**latent_args().to_params(), **change}
+    with pytest.raises(MistralError, match=message) as e:
+        mistral.ModelArgs.from_params({k: v for k, v in params.items() if v is not None})
+    assert "\n" not in str(e.value)
+
+
+def test_a_softmax_factor_without_latent_attention_is_refused():
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 8, "mscale_all_dim": 1.0}
+    with pytest.raises(MistralError, match="applies to latent attention only"):
+        mistral.ModelArgs.from_params({**tiny("tiny-dense").to_params(), "yarn": yarn})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_interleave": False}, "rope_interleave false"),
+        ({"attention_bias": True}, "attention_bias is not supported"),
+        ({"model_type": "deepseek_v2", "norm_topk_prob": True}, "norm_topk_prob with deepseek_v2"),
+        ({"model_type": "deepseek_v2", "topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
+        ({"head_dim": 20}, "partial_rotary_factor 0.333"),
+    ],
+)
+def test_latent_configs_that_make_no_sense(tmp_path, change, message):
+    args = latent_args()
+    write_checkpoint(tmp_path, "hf", args, random_weights(args))
+    config = {**json.loads((tmp_path / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MistralError, match=message) as e:
+        read_checkpoint(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [[4, 33, 64], [3, 32, 64], [4, 32]])
+def test_fused_experts_of_the_wrong_shape_are_named(tmp_path, shape):
+    """mistral4's gate_up_proj (E, 2 hidden, dim): an odd row count, too few experts, or not
+    stacked at all is named, never guessed at."""
+    from mistral.safetensors_file import read_tensors, write_tensors
+    from mistral.weights import RawTensor
+
+    args = latent_args()
+    write_checkpoint(tmp_path, "hf", args, random_weights(args))
+    path = tmp_path / "model.safetensors"
+    tensors = {k: RawTensor(t.dtype, np.array(t.data)) for k, t in read_tensors(path).items()}
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert name in tensors
+    tensors[name] = RawTensor("float32", np.zeros(shape, np.float32))
+    path.unlink()
+    write_tensors(path, list(tensors.items()))
+    with pytest.raises(MistralError, match=r"does not match the model|unexpected tensors") as e:
+        mistral.load(tmp_path, device="cpu")
+    assert "\n" not in str(e.value)

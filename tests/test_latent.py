@@ -280,3 +280,58 @@ def test_mlx_lm_deepseek_v2_without_yarn_is_refused_in_one_line(tmp_path):
     hf_model_of(CASES["deepseek_v2-groups"]).save_pretrained(tmp_path)
     with pytest.raises(mistral.MistralError, match="runs only with YaRN"):
         load_side("mlx-lm:cpu:float32", read_checkpoint(tmp_path))
+
+
+SHIPPED = {"deepseek-v2-lite": 15.7, "mistral-small-4": 119.0, "deepseek-v3": 671.0}
+# bfloat16 cache bytes per token over the layers (README's table): Mistral 7B's keys and values,
+# the latent families' latent and RoPE key
+CACHE_BYTES = {"mistral-7b-v0.1": 131072, "deepseek-v2-lite": 31104, "mistral-small-4": 23040}
+CACHE_BYTES |= {"deepseek-v3": 70272}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_the_shipped_latent_shapes(name):
+    """Parameter counts as published, transformers' type of each, the bench's arithmetic."""
+    from mistral import hf_config
+    from mistral.args import ModelArgs
+    from mistral.bench import decode_bytes, prefill_flops
+    from mistral.checkpoint import CONFIGS
+    from mistral.weights import expected_shapes, tensor_count
+
+    args = ModelArgs.from_file(CONFIGS / f"{name}.json")
+    shapes = expected_shapes(args)
+    assert round(sum(int(np.prod(s)) for s in shapes.values()) / 1e9, 1) == SHIPPED[name]
+    assert len(shapes) == tensor_count(args)
+    kind = {"deepseek-v2-lite": "deepseek_v2", "mistral-small-4": "mistral4"}.get(name)
+    assert hf_config.model_type(args) == (kind or "deepseek_v3")
+    assert prefill_flops(args, 16, 1) > 0
+    fake = {k: type("T", (), {"shape": s})() for k, s in shapes.items()}
+    assert decode_bytes(args, fake, 2, 64, 1) > 0
+
+
+def test_cache_bytes_per_token_as_the_readme_says():
+    from mistral.args import ModelArgs
+    from mistral.checkpoint import CONFIGS
+    from mistral.cli.folders import cache_per_token
+
+    for name, n in CACHE_BYTES.items():
+        assert cache_per_token(ModelArgs.from_file(CONFIGS / f"{name}.json")) == n, name
+
+
+def test_info_and_convert_on_a_latent_folder(case, tmp_path):
+    """`mistral info` shows the latent shape, the routing and the cache per token; `convert`
+    writes Mistral's layout and back."""
+    from tests.test_cli import run
+
+    name, model, ckpt = case
+    out = run("info", str(ckpt.path))
+    assert out.returncode == 0, out.stderr
+    assert "latent (kv rank 16" in out.stdout and "first 1 layer(s) dense" in out.stdout
+    assert "120 bytes per token in bfloat16 over the layers (Mistral 7B: 128 KiB)" in out.stdout
+    routing = {"deepseek_v2": "unnormalized", "deepseek_v3": "sigmoid scores", "mistral4": "top2"}
+    assert routing.get(name, "by max") in out.stdout
+    assert run("convert", str(ckpt.path), str(tmp_path / "m"), "--to", "mistral").returncode == 0
+    assert run("convert", str(tmp_path / "m"), str(tmp_path / "h"), "--to", "hf").returncode == 0
+    back = mistral.load(tmp_path / "h", device="cpu", dtype="float32")
+    rows = random_rows([3 * ORIGINAL], back.args.vocab_size, 8)
+    assert max_diff(back.logits(rows), hf_logits(model, rows)) <= 1e-4

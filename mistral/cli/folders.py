@@ -73,8 +73,9 @@ class Info:
         print(f"  rope          {describe_rope(a)}")
         seven = cache_per_token(ModelArgs.from_file(CONFIGS / "mistral-7b-v0.1.json"))
         per_token = info["cache_bytes_per_token"]
-        kib = f"{per_token / 1024:,.1f} KiB per token in bfloat16"
-        print(f"  cache         {kib} over the layers (Mistral 7B: {seven / 1024:,.0f} KiB)")
+        size = f"{per_token:,} bytes" if per_token < 1024 else f"{per_token / 1024:,.1f} KiB"
+        seven_kib = f"Mistral 7B: {seven // 1024} KiB"
+        print(f"  cache         {size} per token in bfloat16 over the layers ({seven_kib})")
         print(f"  parameters    {params:,} ({params / 1e6:,.1f} M)")
         print(f"  weights       {info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB")
         for kind, n in info["quantization"].items():
