@@ -89,8 +89,8 @@ MUTANTS = [
     (
         "temperature ignored",
         "mistral/sampling.py",
-        "z = logits.astype(np.float64) / temperature",
-        "z = logits.astype(np.float64)",
+        "probs = np.exp((z - z.max(-1, keepdims=True)) / temperature)",
+        "probs = np.exp(z - z.max(-1, keepdims=True))",
         ["tests/test_sampling.py"],
     ),
     (
