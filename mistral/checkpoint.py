@@ -231,8 +231,10 @@ def write_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     out_dtype = dtype or next(iter(tensors.values())).dtype
-    if quantize is not None and (fmt != "mlx" or args.moe):
-        raise MistralError("--quantize writes mlx-lm's layout (--to mlx) of a dense model")
+    if quantize is not None and (fmt != "mlx" or args.moe or args.mla):
+        raise MistralError(
+            "--quantize writes mlx-lm's layout (--to mlx) of a dense model without latent attention"
+        )
     if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
         config = hf_config.config_from_args(args, out_dtype)
         named = list(hf.tensors_to_hf(args, tensors).items())

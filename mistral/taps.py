@@ -1,9 +1,10 @@
 """Named taps: the points of the forward that both backends report when asked, defined once.
 
 Per layer, in forward order: the attention input norm, q and k after RoPE (T, heads, head_dim) in
-Mistral's pair order, the attention output (after wo), the feed-forward input norm, for MoE the
-router logits and the chosen experts (sorted), the feed-forward output, and the residual stream
-after the block. Around them: the embeddings, the final norm and the logits. One row: (T, ...).
+Mistral's pair order (latent attention: their RoPE parts, k of one shared head), the attention
+output (after wo), the feed-forward input norm, for MoE the router logits and the chosen experts
+(sorted), the feed-forward output, and the residual stream after the block. Around them: the
+embeddings, the final norm and the logits. One row: (T, ...).
 """
 
 from __future__ import annotations

@@ -516,7 +516,7 @@ def latent_args() -> mistral.ModelArgs:
             **tiny("tiny-dense").to_params(),
             "head_dim": 12,
             "q_lora_rank": 16,
-            "kv_lora_rank": 16,
+            "kv_lora_rank": 32,
             "qk_nope_head_dim": 8,
             "qk_rope_head_dim": 4,
             "v_head_dim": 8,
@@ -600,3 +600,24 @@ def test_fused_experts_of_the_wrong_shape_are_named(tmp_path, shape):
     with pytest.raises(MistralError, match=r"does not match the model|unexpected tensors") as e:
         mistral.load(tmp_path, device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_quantized_latent_attention_is_refused_where_it_cannot_run(tmp_path):
+    """MLX's absorbed decode reads wkv_b's float weight: a quantized one is refused there (torch
+    dequantizes at load and runs it); --quantize does not write latent attention yet."""
+    import dataclasses
+
+    from mistral.quant import Quantization, QuantizedTensor, quantize
+    from mistral.weights import RawTensor
+
+    args = dataclasses.replace(latent_args(), moe=None)
+    tensors = random_weights(args)
+    q = Quantization(4, 32)
+    key = "layers.0.attention.wkv_b.weight"
+    packed, scales, biases = quantize(tensors[key].to_numpy(), "float32", q)
+    tensors[key] = QuantizedTensor(RawTensor("uint32", packed), scales, biases, q)
+    with pytest.raises(MistralError, match="quantized wkv_b"):
+        mistral.from_tensors(args, tensors, "mlx", "cpu", "float32")
+    mistral.from_tensors(args, tensors, "torch", "cpu", "float32").logits([[1, 2, 3]])
+    with pytest.raises(MistralError, match="without latent attention"):
+        write_checkpoint(tmp_path / "q", "mlx", args, random_weights(args), quantize=q)

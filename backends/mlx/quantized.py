@@ -64,6 +64,8 @@ def quantize_modules(
         quantized["output"] = quantized["tok_embeddings"]
     if any(".experts." in path for path in quantized):
         raise MistralError("quantized MoE experts are not supported on MLX yet (torch: yes)")
+    if any(path.endswith("attention.wkv_b") for path in quantized):  # absorbed decode reads it
+        raise MistralError("a quantized wkv_b (latent attention) is not supported on MLX yet")
     for path, t in quantized.items():
         *parents, name = path.split(".")
         owner = model
