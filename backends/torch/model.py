@@ -184,8 +184,8 @@ class Router(Linear):
 def route(logits: Tensor, bias: Tensor | None, moe: MoeArgs) -> tuple[Tensor, Tensor]:
     """(N, E) gate logits -> the chosen experts (N, k) and their float32 weights (N, k): softmax
     (or sigmoid) scores; experts picked by score (+ bias) among the best groups' experts."""
-    e = (logits - logits.amax(-1, keepdim=True)).exp()
-    scores = e / e.sum(-1, keepdim=True) if moe.scoring_func == "softmax" else logits.sigmoid()
+    logits = logits.float()
+    scores = logits.softmax(-1) if moe.scoring_func == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
     if moe.num_expert_groups > 1:  # a group scores by its best expert, or its best two
         groups = choice.unflatten(-1, (moe.num_expert_groups, -1))  # (N, G, E / G)
