@@ -346,6 +346,7 @@ NEW_CONFIGS = [
     "ministral-8b",
     "ministral-3-3b",
     "ministral-3-8b",
+    "ministral-3-14b",
     "mistral-small-3.1-24b",
     "devstral-small",
     "codestral-22b",
@@ -361,6 +362,7 @@ def test_the_shipped_shapes_parse_and_have_a_transformers_type(name):
     args = ModelArgs.from_file(CONFIGS / f"{name}.json")
     params = sum(int(np.prod(s)) for s in expected_shapes(args).values())
     billions = {"nemo": 12.2, "ministral-8b": 8.0, "3-3b": 3.4, "3-8b": 8.5, "24b": 23.6}
+    billions |= {"3-14b": 13.5}  # Mistral's model card: a 13.5B language model
     billions |= {"devstral": 23.6, "22b": 22.2}
     assert any(k in name and round(params / 1e9, 1) == v for k, v in billions.items()), params
     assert hf_config.model_type(args) in hf_config.CLASSES
