@@ -36,7 +36,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe", "tiny-latent"])
 def test_round_trips_through_every_layout_are_bit_exact(tmp_path, config, dtype):
     args = tiny(config)
     weights = random_weights(args, seed=4, dtype=dtype)

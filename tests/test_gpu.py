@@ -24,7 +24,7 @@ def cuda_or_skip() -> None:
         pytest.fail("-m gpu was asked for, but torch sees no CUDA device")
 
 
-@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe"])
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-moe", "tiny-latent"])
 def test_cuda_float32_matches_cpu(config):
     cuda_or_skip()
     args = tiny(config)

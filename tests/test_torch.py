@@ -173,7 +173,9 @@ def test_bad_devices_are_refused(device, message):
         mistral.from_tensors(args, random_weights(args), device=device)
 
 
-@pytest.mark.parametrize("config, outgrown", [("tiny-window", False), ("tiny-moe", True)])
+@pytest.mark.parametrize(
+    "config, outgrown", [("tiny-window", False), ("tiny-moe", True), ("tiny-latent", True)]
+)
 def test_compiled_decode_step_gives_the_same_logits(monkeypatch, config, outgrown):
     """--compile: torch.compile of the static-shape decode step (a CUDA graph on CUDA); MoE
     layers then gather their chosen experts instead of looping with host syncs. With weights
@@ -187,8 +189,10 @@ def test_compiled_decode_step_gives_the_same_logits(monkeypatch, config, outgrow
     eager = mistral.from_tensors(args, weights, device="cpu")
     compiled = mistral.from_tensors(args, weights, device="cpu", compile=True)
     assert compiled.runner.decode_model is not compiled.runner.model
-    if args.moe:
-        assert all(b.feed_forward.stacked is not None for b in compiled.runner.model.layers)
+    layers = compiled.runner.model.layers
+    assert all(
+        b.feed_forward.stacked is not None for i, b in enumerate(layers) if args.moe_layer(i)
+    )
     rows = random_rows([10, 7], args.vocab_size, 10)
     tokens = compiled.generate(rows, 24)
     assert tokens == eager.generate(rows, 24)
