@@ -26,7 +26,7 @@ from mistral import hf, hf_config, hub, quant
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
-from mistral.fp8 import FP8Tensor, fp8_block
+from mistral.fp8 import FP8Tensor, fp8_block, gather_mistral_fp8, mistral_fp8
 from mistral.npz_file import read_npz
 from mistral.pth_file import read_pth
 from mistral.quant import Quantization, QuantizedTensor
@@ -135,6 +135,10 @@ def mistral_names(args: ModelArgs, tensors: Tensors) -> Tensors:
 
 def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
     params = read_json(path / "params.json")
+    fp8 = False
+    if isinstance(params, dict) and "quantization" in params:  # how the weights are stored
+        params = dict(params)
+        fp8 = mistral_fp8(params.pop("quantization"), str(path / "params.json"))
     args = ModelArgs.from_params(params, str(path / "params.json"))
     if any(path.glob("consolidated*.safetensors")):
         tensors = read_safetensors_set(path, "consolidated")
@@ -144,6 +148,8 @@ def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
         raise MistralError(f"{path}: params.json but no consolidated.safetensors or .00.pth")
     if isinstance(params, dict) and any(k in params for k in VISION_KEYS):  # run: the decoder
         tensors = {k: t for k, t in tensors.items() if not k.startswith(VISION_PREFIXES)}
+    if fp8:
+        tensors = gather_mistral_fp8(tensors, str(path))
     return args, spec_names(tensors)
 
 

@@ -1,6 +1,10 @@
 """FP8 weights as Hugging Face's block-quantized checkpoints store them (DeepSeek-V3, Mistral
 Large 3, Devstral 2): float8 e4m3 codes and a float32 inverse scale per block of 128 x 128
-(``quantization_config``: quant_method fp8, weight_block_size), dequantized at load.
+(``quantization_config``: quant_method fp8, weight_block_size), dequantized at load; and as
+Mistral's own folders do (Mistral Small 4: params.json ``quantization`` {qformat_weight:
+fp8_e4m3, qscheme_act: TENSOR}, one ``qscale_weight`` per weight and a static ``qscale_act``
+for its inputs, which dequantized weights have no use for: as transformers' conversion to
+bfloat16 drops it).
 
 E4M3 (the "fn" variant: no infinities): sign, 4 exponent bits with bias 7, 3 mantissa bits;
 exponent 0 is subnormal (2^-6 * m / 8), S.1111.111 is NaN, the largest value 448. A weight is
@@ -108,4 +112,42 @@ def gather_fp8(
         if tuple(scale.shape) != want:
             raise MistralError(f"{source}: {name}'s scales {scale.shape} are not {want} blocks")
         out[name] = FP8Tensor(t, scale, (bo, bi))
+    return out
+
+
+MISTRAL_FP8 = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+
+
+def mistral_fp8(block: Any, source: str) -> bool:
+    """Whether params.json's ``quantization`` block is Mistral's FP8 (refused if anything else)."""
+    if block is None:
+        return False
+    if not isinstance(block, dict) or block.get("qformat_weight") != "fp8_e4m3":
+        raise MistralError(f"{source}: quantization {block!r} is not supported (fp8_e4m3)")
+    unknown = sorted(set(block) - set(MISTRAL_FP8) - {"qformat_act"})
+    if unknown or block.get("qscheme_act", "TENSOR") != "TENSOR":
+        raise MistralError(f"{source}: quantization {block!r}: only per-tensor fp8_e4m3 is read")
+    return True
+
+
+def gather_mistral_fp8(tensors: dict[str, RawTensor], source: str) -> dict[str, Any]:
+    """Each e4m3 ``<module>.weight`` with its ``.qscale_weight`` as one FP8Tensor of one scale;
+    the ``.qscale_act`` beside it checked and left out."""
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        if name.endswith((".qscale_weight", ".qscale_act")):
+            weight = name.rsplit(".", 1)[0] + ".weight"
+            if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
+                raise MistralError(f"{source}: {name} scales no float8 weight")
+            if t.shape not in ((), (1,)) or t.dtype not in ("float32", "bfloat16"):
+                raise MistralError(f"{source}: {name} is {t.dtype} {t.shape}, not one float")
+            continue
+        if t.dtype != "float8_e4m3":
+            out[name] = t
+            continue
+        scale = tensors.get(name.removesuffix(".weight") + ".qscale_weight")
+        if scale is None or len(t.shape) != 2:
+            raise MistralError(f"{source}: {name} is float8 without its qscale_weight")
+        one = RawTensor("float32", scale.to_numpy().reshape(1, 1))
+        out[name] = FP8Tensor(t, one, (t.shape[0], t.shape[1]))  # one block: the weight
     return out

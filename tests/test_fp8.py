@@ -126,3 +126,68 @@ def test_info_shows_the_fp8_weights(tmp_path):
     run = [sys.executable, "-m", "mistral", "info", str(tmp_path / "f")]
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
     assert out.returncode == 0 and "fp8 e4m3, blocks of 32x32" in out.stdout, out.stderr
+
+
+def mistral_fp8_folder(path, args):
+    """A folder in Mistral's own FP8 layout (Mistral Small 4's): params.json's quantization
+    block, each projection's e4m3 codes with one qscale_weight and a qscale_act; the names
+    Mistral's (experts beside attention). Returns the weights as torch dequantizes them."""
+    import torch
+
+    from mistral.checkpoint import mistral_names
+
+    tensors, stored, expected = random_weights(args, seed=2), {}, {}
+    for name, t in tensors.items():
+        w = torch.from_numpy(t.to_numpy())
+        if w.ndim != 2 or name.startswith(("tok_embeddings", "output")):
+            stored[name], expected[name] = t, w.numpy()
+            continue
+        scale = (w.abs().max() / 448).clamp(min=1e-12)
+        codes = (w / scale).to(torch.float8_e4m3fn)
+        module = name.removesuffix(".weight")
+        stored[name] = RawTensor("float8_e4m3", codes.view(torch.uint8).numpy())
+        stored[module + ".qscale_weight"] = from_numpy(scale.numpy())
+        stored[module + ".qscale_act"] = from_numpy(np.float32(0.5) * np.ones(()), "bfloat16")
+        expected[name] = (codes.float() * scale).numpy()
+    path.mkdir()
+    write_tensors(path / "consolidated.safetensors", list(mistral_names(args, stored).items()))
+    params = {
+        **args.to_params(),
+        "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
+    }
+    (path / "params.json").write_text(json.dumps(params))
+    return {k: from_numpy(v) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("config", ["tiny-window", "tiny-latent"])
+def test_mistral_fp8_folders_run_as_their_dequantized_weights(tmp_path, backend, config):
+    args = tiny(config)
+    expected = mistral_fp8_folder(tmp_path / "fp8", args)
+    ckpt = read_checkpoint(tmp_path / "fp8")
+    assert ckpt.args == args
+    assert isinstance(ckpt.tensors["layers.0.attention.wo.weight"], FP8Tensor)
+    rows = random_rows([21, 9], args.vocab_size, 3)
+    ours = mistral.load(tmp_path / "fp8", backend=backend, device="cpu", dtype="float32")
+    ref = mistral.from_tensors(args, expected, backend, "cpu", "float32")
+    assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0  # the same weights, bit for bit
+    plain = mistral.from_tensors(args, random_weights(args, seed=2), backend, "cpu", "float32")
+    assert max_diff(ours.logits(rows), plain.logits(rows)) > 1e-4  # and e4m3 did round them
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"qformat_weight": "int4"}, "is not supported"),
+        ({"qformat_weight": "fp8_e4m3", "qscheme_act": "CHANNEL"}, "only per-tensor"),
+        ("fp8", "is not supported"),
+    ],
+)
+def test_mistral_quantization_blocks_that_are_not_read(tmp_path, block, message):
+    args = tiny("tiny-dense")
+    mistral_fp8_folder(tmp_path / "fp8", args)
+    params = json.loads((tmp_path / "fp8" / "params.json").read_text())
+    (tmp_path / "fp8" / "params.json").write_text(json.dumps({**params, "quantization": block}))
+    with pytest.raises(mistral.MistralError, match=message) as e:
+        read_checkpoint(tmp_path / "fp8")
+    assert "params.json" in str(e.value) and "\n" not in str(e.value)
