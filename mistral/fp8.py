@@ -13,6 +13,7 @@ exponent 0 is subnormal (2^-6 * m / 8), S.1111.111 is NaN, the largest value 448
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,11 +74,13 @@ class FP8Tensor:
 
 
 def fp8_block(config: Any, source: str) -> tuple[int, int] | None:
-    """The block size of a config's ``quantization_config`` of quant_method fp8, else None."""
+    """The block size of a config's ``quantization_config`` of quant_method fp8, else None.
+    Static activation scales (Mistral Small 4's folders) are read and left out: dequantized
+    weights multiply activations as they are, as transformers' conversion to bfloat16 does."""
     if not isinstance(config, dict) or config.get("quant_method") != "fp8":
         return None
-    if config.get("activation_scheme", "dynamic") != "dynamic":
-        raise MistralError(f"{source}: fp8 with static activation scales is not supported yet")
+    if config.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
+        raise MistralError(f"{source}: fp8 activation_scheme must be dynamic or static")
     block = config.get("weight_block_size") or [None, None]
     if not (
         isinstance(block, list)
@@ -88,12 +91,50 @@ def fp8_block(config: Any, source: str) -> tuple[int, int] | None:
     return block[0] or 1 << 62, block[1] or 1 << 62  # none: one scale for the whole weight
 
 
+# transformers' mistral4 FP8 experts, fused per layer: codes (E, 2 hidden, dim) / (E, dim,
+# hidden), one scale per expert (E, 1, 1), activation scales (E,).
+_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)$")
+
+
+def split_fused_fp8(tensors: dict[str, RawTensor], source: str) -> dict[str, RawTensor]:
+    """Fused FP8 experts as one e4m3 weight and scale per expert, under the unfused names."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        match = _FUSED.match(name)
+        if match is None or t.dtype != "float8_e4m3":
+            continue
+        prefix, kind = match.groups()
+        scale = out.pop(name + "_scale_inv", None)
+        out.pop(name + "_activation_scale", None)
+        del out[name]
+        if len(t.shape) != 3 or scale is None or scale.data.size != t.shape[0]:
+            raise MistralError(f"{source}: {name} is float8 without one scale per expert")
+        scales = scale.data.reshape(-1)
+        for e in range(t.shape[0]):
+            one = RawTensor(scale.dtype, scales[e : e + 1])  # (1,): the whole weight's
+            halves = [("down_proj", t.data[e])] if kind == "down_proj" else []
+            if kind == "gate_up_proj":
+                half = t.shape[1] // 2
+                halves = [("gate_proj", t.data[e, :half]), ("up_proj", t.data[e, half:])]
+            for proj, codes in halves:
+                out[f"{prefix}{e}.{proj}.weight"] = RawTensor(t.dtype, codes)
+                out[f"{prefix}{e}.{proj}.weight_scale_inv"] = one
+    return out
+
+
 def gather_fp8(
     tensors: dict[str, RawTensor], block: tuple[int, int], source: str
 ) -> dict[str, Any]:
-    """Each e4m3 ``<module>.weight`` with its ``.weight_scale_inv`` as one FP8Tensor, checked."""
+    """Each e4m3 ``<module>.weight`` with its ``.weight_scale_inv`` as one FP8Tensor, checked;
+    static ``.activation_scale`` tensors left out."""
+    tensors = split_fused_fp8(tensors, source)
     out: dict[str, Any] = {}
     for name, t in tensors.items():
+        if name.endswith(".activation_scale"):
+            weight = name.removesuffix(".activation_scale") + ".weight"
+            if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
+                raise MistralError(f"{source}: {name} scales the inputs of no float8 weight")
+            continue
         if name.endswith(".weight_scale_inv"):
             weight = name.removesuffix("_scale_inv")
             if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
@@ -105,8 +146,8 @@ def gather_fp8(
         scale = tensors.get(name + "_scale_inv")
         if scale is not None and scale.shape in ((), (1,)):  # one scale for the whole weight
             scale, block = RawTensor(scale.dtype, scale.data.reshape(1, 1)), (1 << 62, 1 << 62)
-        if scale is None or len(t.shape) != 2 or scale.dtype != "float32":
-            raise MistralError(f"{source}: {name} is float8 without its float32 weight_scale_inv")
+        if scale is None or len(t.shape) != 2 or scale.dtype not in ("float32", "bfloat16"):
+            raise MistralError(f"{source}: {name} is float8 without its float weight_scale_inv")
         bo, bi = min(block[0], t.shape[0]), min(block[1], t.shape[1])
         want = (-(-t.shape[0] // bo), -(-t.shape[1] // bi))
         if tuple(scale.shape) != want:

@@ -78,7 +78,10 @@ def test_an_fp8_folder_runs_as_its_dequantized_weights(tmp_path, backend):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c, t: c["quantization_config"].update(activation_scheme="static"), "static"),
+        (
+            lambda c, t: c["quantization_config"].update(activation_scheme="per_channel"),
+            "dynamic or static",
+        ),
         (lambda c, t: c["quantization_config"].update(weight_block_size=[0, 32]), "two positive"),
         (lambda c, t: t.pop("model.layers.0.self_attn.q_proj.weight_scale_inv"), "without its"),
         (
@@ -191,3 +194,62 @@ def test_mistral_quantization_blocks_that_are_not_read(tmp_path, block, message)
     with pytest.raises(mistral.MistralError, match=message) as e:
         read_checkpoint(tmp_path / "fp8")
     assert "params.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_mistral4_fp8_folder_with_static_activation_scales(tmp_path):
+    """Mistral Small 4 as its Hugging Face folder ships: e4m3 codes with one scale per weight,
+    static activation scales (left out: the weights are dequantized), and the experts fused per
+    layer with one scale per expert. Both backends run the weights as torch dequantizes them."""
+    import torch
+
+    args = tiny("tiny-latent")
+    stored, expected = {}, {}
+    for name, t in hf.tensors_to_hf(args, random_weights(args, seed=2)).items():
+        w = torch.from_numpy(RawTensor(t.dtype, t.data).to_numpy())
+        if w.ndim == 1 or "embed" in name or "lm_head" in name or name.endswith("gate.weight"):
+            stored[name] = RawTensor(t.dtype, np.asarray(t.data))
+            continue
+        per = w.abs().amax(dim=(-2, -1), keepdim=True) / 448  # one scale per (expert's) weight
+        codes = (w / per).to(torch.float8_e4m3fn)
+        stored[name] = RawTensor("float8_e4m3", codes.view(torch.uint8).numpy())
+        base = name.removesuffix(".weight")
+        scale = per.reshape(-1) if w.ndim == 3 else per.reshape(())
+        suffix = "_scale_inv" if w.ndim == 3 else ".weight_scale_inv"
+        stored[base + suffix] = from_numpy(scale.numpy())
+        act = "_activation_scale" if w.ndim == 3 else ".activation_scale"
+        stored[base + act] = from_numpy(np.full(scale.shape, 0.25, np.float32))
+        deq = codes.float() * per
+        if w.ndim == 3 and name.endswith("gate_up_proj"):
+            half = deq.shape[1] // 2
+            for e in range(deq.shape[0]):
+                p = name.removesuffix("gate_up_proj")
+                expected[f"{p}{e}.gate_proj.weight"] = deq[e, :half].numpy()
+                expected[f"{p}{e}.up_proj.weight"] = deq[e, half:].numpy()
+        elif w.ndim == 3:
+            for e in range(deq.shape[0]):
+                expected[f"{name.removesuffix('down_proj')}{e}.down_proj.weight"] = deq[e].numpy()
+        else:
+            expected[name] = deq.numpy()
+    assert "model.layers.1.mlp.experts.gate_up_proj_scale_inv" in stored
+    (tmp_path / "fp8").mkdir()
+    write_tensors(tmp_path / "fp8" / "model.safetensors", list(stored.items()))
+    config = hf_config.config_from_args(args, "bfloat16")
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "static",
+        "weight_block_size": None,
+    }
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    plain = {
+        k: RawTensor(t.dtype, np.asarray(t.data))
+        for k, t in stored.items()
+        if t.dtype != "float8_e4m3"
+    }
+    plain = {k: t for k, t in plain.items() if "scale" not in k}
+    plain |= {k: from_numpy(v) for k, v in expected.items()}
+    reference = hf.tensors_from_hf(args, plain, "reference")
+    rows = random_rows([21, 9], args.vocab_size, 3)
+    for backend in ("torch", "mlx"):
+        ours = mistral.load(tmp_path / "fp8", backend=backend, device="cpu", dtype="float32")
+        ref = mistral.from_tensors(args, reference, backend, "cpu", "float32")
+        assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0, backend
