@@ -24,13 +24,19 @@ def failure(stderr: str) -> str:
     return "\n".join(keep[-40:])
 
 
-@pytest.mark.parametrize("layout", ["mistral", "hf"])
-def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, layout):
-    args = tiny("tiny-window")
+TORCHRUNS = [("tensor", "tiny-window", "mistral"), ("tensor", "tiny-window", "hf")]
+TORCHRUNS += [("pipeline", c, "mistral") for c in ("tiny-window", "tiny-moe", "tiny-latent")]
+
+
+@pytest.mark.parametrize("kind, config, layout", TORCHRUNS)
+def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind, config, layout):
+    """Tensor: a share of every layer; pipeline: a block of whole layers each (a sliding window,
+    Mixtral's experts, latent attention with DeepSeekMoE), activations sent between the ranks."""
+    args = tiny(config)
     write_checkpoint(tmp_path / "m", layout, args, random_weights(args, seed=1))
     run = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "m"), str(tmp_path),
+        str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "m"), str(tmp_path), kind,
     ]  # fmt: skip
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     # The ranks' own results are checked, not the launcher's exit code: a rank may still abort in
@@ -38,12 +44,17 @@ def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, layout):
     # 15 here), after its results are complete; the README says so.
     one = mistral.load(tmp_path / "m", device="cpu", dtype="float32")
     logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
+    held = []
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.npz").exists(), failure(out.stderr)
         got = np.load(tmp_path / f"rank{rank}.npz")
         assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
         assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
         assert got["tokens"].tolist() == tokens, rank
+        held.append(int(got["held"]))
+    whole = sum(p.numel() for p in one.runner.model.parameters())
+    if kind == "pipeline":  # each weight on one rank only
+        assert sum(held) == whole and max(held) < 0.75 * whole, (held, whole)
 
 
 def test_the_slices_of_the_ranks_make_the_weights_again(tmp_path):

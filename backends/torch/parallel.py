@@ -1,6 +1,7 @@
-"""Tensor parallelism in PyTorch: the process group torchrun starts (gloo on CPUs, NCCL on CUDA),
-and the all-reduce after the modules whose outputs are partial sums, put on from outside the
-forward (mistral/parallel.py says which slices each rank holds)."""
+"""Tensor and pipeline parallelism in PyTorch: the process group torchrun starts (gloo on CPUs,
+NCCL on CUDA); the all-reduce after the modules whose outputs are partial sums, and a pipeline
+rank's sends and receives, put on from outside the forward (mistral/parallel.py says which slices
+and layers each rank holds)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
+from mistral.args import ModelArgs
 from mistral.errors import MistralError
-from mistral.parallel import Shard
+from mistral.parallel import Shard, stage_layers
 
 
 def join(device: torch.device) -> tuple[Shard, torch.device]:
@@ -46,3 +49,48 @@ def reduced(kernel: Callable | None) -> Callable:
         return y
 
     return product
+
+
+class Received(nn.Module):
+    """In place of the embeddings on a later pipeline rank: the previous rank's activations."""
+
+    def __init__(self, dim: int, src: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dim, self.src, self.dtype = dim, src, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.empty(*tokens.shape, self.dim, dtype=self.dtype, device=tokens.device)
+        dist.recv(h, self.src)
+        return h  # (B, T, dim)
+
+
+class Broadcast(nn.Module):
+    """In place of the output projection on an earlier pipeline rank: the last rank's logits."""
+
+    def __init__(self, vocab_size: int, src: int) -> None:
+        super().__init__()
+        self.vocab_size, self.src = vocab_size, src
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = torch.empty(*h.shape[:-1], self.vocab_size, dtype=h.dtype, device=h.device)
+        dist.broadcast(logits, self.src)
+        return logits
+
+
+def stage(model: nn.Module, args: ModelArgs, shard: Shard, dtype: torch.dtype) -> None:
+    """Makes a (meta) Transformer one pipeline rank's: its block of layers; receiving instead of
+    embedding after the first rank; sending its block's output and receiving the logits before
+    the last, whose logits go to every rank. The forward itself is unchanged."""
+    layers = stage_layers(args.n_layers, shard)
+    model.layers = nn.ModuleList(model.layers[layers.start : layers.stop])
+    first, last = shard.rank == 0, shard.rank == shard.world - 1
+    if not first:
+        model.tok_embeddings = Received(args.dim, shard.rank - 1, dtype)
+    if not last:
+        dst = shard.rank + 1
+        model.layers[-1].register_forward_hook(lambda _m, _i, h: dist.send(h.contiguous(), dst))
+        model.norm = nn.Identity()
+        model.output = Broadcast(args.vocab_size, shard.world - 1)
+    else:
+        end = shard.world - 1
+        model.output.register_forward_hook(lambda _m, _i, logits: dist.broadcast(logits, end))

@@ -12,12 +12,12 @@ import torch
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
 from backends.torch.model import Linear, Transformer
-from backends.torch.parallel import join, reduced
+from backends.torch.parallel import join, reduced, stage
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
-from mistral.parallel import REDUCED, local_args, shard_tensors
+from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
@@ -166,19 +166,27 @@ def build(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
-    local, shard = args, None
-    if parallel is not None:  # this rank's share of the heads and hidden units
+    local, shard, pipeline = args, None, None
+    if parallel is not None:
         if compile:
             raise MistralError("compile and parallel ranks do not go together yet")
-        shard, dev = join(dev)
-        local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
+        rank, dev = join(dev)
+        if parallel == "tensor":  # this rank's share of the heads and hidden units
+            shard = rank
+            local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
+        else:  # pipeline: this rank's block of whole layers
+            pipeline, tensors = rank, stage_tensors(args, tensors, rank)
     with torch.device("meta"):
         model = Transformer(local)
+    if pipeline is not None:
+        stage(model, args, pipeline, dt)
     state = {}
     for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
         state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, dt)
-    if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
+    if args.tied_embeddings and isinstance(model.output, Linear):  # one table, two uses
         state["output.weight"] = state["tok_embeddings.weight"]
+    if not isinstance(model.tok_embeddings, torch.nn.Embedding):  # a later pipeline rank's
+        state.pop("tok_embeddings.weight", None)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     if compile:  # MoE layers of the compiled step multiply by the chosen experts, no host sync
