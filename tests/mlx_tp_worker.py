@@ -10,7 +10,8 @@ import numpy as np
 import mistral
 
 folder, out, rows = sys.argv[1], Path(sys.argv[2]), [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]
-model = mistral.load(folder, backend="mlx", device="cpu", dtype="float32", parallel="tensor")
+kind = sys.argv[3] if len(sys.argv) > 3 else "tensor"
+model = mistral.load(folder, backend="mlx", device="cpu", dtype="float32", parallel=kind)
 logits = model.logits(rows)
 tokens = model.generate(rows, 24)
 rank = mx.distributed.init().rank()

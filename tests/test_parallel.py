@@ -107,17 +107,21 @@ def test_chat_refuses_parallel_ranks_in_one_line():
     assert_one_line_error(run("chat", "--parallel", "tensor", stdin="hi\n"), "use generate")
 
 
-def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path):
+@pytest.mark.parametrize(
+    "kind, config",
+    [("tensor", "tiny-window"), ("pipeline", "tiny-window"), ("pipeline", "tiny-latent")],
+)
+def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind, config):
     """mlx.launch's ring backend, 2 local processes. It exits 0 even when a rank fails, so the
     ranks' own results are what is checked."""
     from pathlib import Path
 
-    args = tiny("tiny-window")
+    args = tiny(config)
     write_checkpoint(tmp_path / "m", "mistral", args, random_weights(args, seed=1))
     launch = Path(sys.executable).parent / "mlx.launch"
     worker = str(ROOT / "tests" / "mlx_tp_worker.py")
     run = [str(launch), "--backend", "ring", "-n", "2", "--python", sys.executable,
-           worker, str(tmp_path / "m"), str(tmp_path)]  # fmt: skip
+           worker, str(tmp_path / "m"), str(tmp_path), kind]  # fmt: skip
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     one = mistral.load(tmp_path / "m", backend="mlx", device="cpu", dtype="float32")
     logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)

@@ -1,15 +1,18 @@
-"""Tensor parallelism in MLX: the group mlx.launch starts (its ring backend runs local processes
-on a Linux CPU as on Macs over the network), and the all-sum after the modules whose outputs are
-partial sums, put on from outside the forward (mistral/parallel.py says which slices)."""
+"""Tensor and pipeline parallelism in MLX: the group mlx.launch starts (its ring backend runs
+local processes on a Linux CPU as on Macs over the network); the all-sum after the modules whose
+outputs are partial sums, and a pipeline rank's sends and receives, put on from outside the
+forward (mistral/parallel.py says which slices and layers each rank holds)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from mistral.args import ModelArgs
 from mistral.errors import MistralError
-from mistral.parallel import Shard
+from mistral.parallel import Shard, stage_layers
 
 
 def join() -> tuple[Shard, mx.distributed.Group]:
@@ -28,3 +31,67 @@ def reduced(kernel: Callable | None, group: mx.distributed.Group) -> Callable:
         return mx.distributed.all_sum(y, group=group)
 
     return product
+
+
+class Received(nn.Module):
+    """In place of the embeddings on a later pipeline rank: the previous rank's activations."""
+
+    def __init__(self, dim: int, src: int, dtype: mx.Dtype, group: mx.distributed.Group) -> None:
+        super().__init__()
+        self.dim, self.src, self.dtype, self.group = dim, src, dtype, group
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        shape = (*tokens.shape, self.dim)  # (B, T, dim)
+        return mx.distributed.recv(shape, self.dtype, self.src, group=self.group)
+
+
+class Sent(nn.Module):
+    """A pipeline rank's last block, whose output is also sent to the next rank."""
+
+    def __init__(self, block: nn.Module, dst: int, group: mx.distributed.Group) -> None:
+        super().__init__()
+        self.block, self.dst, self.group = block, dst, group
+        self.window, self.attention, self.tap = block.window, block.attention, block.tap
+
+    def __call__(self, *args: object) -> mx.array:
+        return mx.distributed.send(self.block(*args), self.dst, group=self.group)
+
+
+class Broadcast(nn.Module):
+    """The last pipeline rank's logits on every rank: summed with the others' zeros (exact).
+    On an earlier rank it holds no projection and gives zeros that wait for its send."""
+
+    def __init__(self, output: nn.Module | None, vocab_size: int, group: mx.distributed.Group):
+        super().__init__()
+        self.output, self.vocab_size, self.group = output, vocab_size, group
+
+    def __call__(self, h: mx.array) -> mx.array:
+        if self.output is not None:
+            logits = self.output(h)
+        else:
+            zeros = mx.zeros((*h.shape[:-1], self.vocab_size), dtype=h.dtype)
+            logits = mx.depends(zeros, h)  # h holds the send: evaluating the logits sends it
+        return mx.distributed.all_sum(logits, group=self.group)
+
+
+def stage(
+    model: nn.Module, args: ModelArgs, shard: Shard, dtype: mx.Dtype, group: mx.distributed.Group
+) -> None:
+    """Makes a Transformer one pipeline rank's, before its weights load: its block of layers;
+    receiving instead of embedding after the first rank; no norm or output before the last."""
+    layers = stage_layers(args.n_layers, shard)
+    model.layers = model.layers[layers.start : layers.stop]
+    if shard.rank > 0:
+        model.tok_embeddings = Received(args.dim, shard.rank - 1, dtype, group)
+    if shard.rank < shard.world - 1:
+        model.norm = nn.Identity()
+        model.output = Broadcast(None, args.vocab_size, group)
+
+
+def connect(model: nn.Module, shard: Shard, group: mx.distributed.Group) -> None:
+    """Once the weights are in: the last block of an earlier rank sends its output on, and the
+    last rank's logits go to every rank."""
+    if shard.rank < shard.world - 1:
+        model.layers[-1] = Sent(model.layers[-1], shard.rank + 1, group)
+    else:
+        model.output = Broadcast(model.output, model.args.vocab_size, group)

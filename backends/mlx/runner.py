@@ -13,12 +13,12 @@ import numpy as np
 from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, Transformer
-from backends.mlx.parallel import join, reduced
+from backends.mlx.parallel import Broadcast, Received, connect, join, reduced, stage
 from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.parallel import REDUCED, local_args, shard_tensors
+from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import RawTensor, linear_bytes
@@ -157,17 +157,25 @@ def build(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
-    local, shard = args, None
-    if parallel is not None:  # this rank's share of the heads and hidden units
-        shard, group = join()
-        local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
+    local, shard, pipeline, group = args, None, None, None
+    if parallel is not None:
+        rank, group = join()
+        if parallel == "tensor":  # this rank's share of the heads and hidden units
+            shard = rank
+            local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
+        else:  # pipeline: this rank's block of whole layers
+            pipeline, tensors = rank, stage_tensors(args, tensors, rank)
     model = Transformer(local)  # MLX is lazy: the initial parameters are never materialized
+    if pipeline is not None:
+        stage(model, args, pipeline, dt, group)
     quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
         state |= arrays(k, t, dt, from_raw)
-    if args.tied_embeddings:  # one table, two uses: the embeddings and the output projection
+    if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
         state |= {k.replace("tok_embeddings", "output"): v for k, v in state.items() if "tok_" in k}
+    if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's
+        state = {k: v for k, v in state.items() if not k.startswith("tok_embeddings.")}
     model.load_weights(list(state.items()), strict=True)
     mx.eval(model.parameters())
     if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
@@ -177,4 +185,6 @@ def build(
         if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
             kernel = SplitRows(module.weight, streams) if streams else None
             module.kernel = reduced(kernel, group) if shard and name.endswith(REDUCED) else kernel
+    if pipeline is not None:
+        connect(model, pipeline, group)
     return Runner(args, model, dev, dt)

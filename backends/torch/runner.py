@@ -12,7 +12,7 @@ import torch
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
 from backends.torch.model import Linear, Transformer
-from backends.torch.parallel import join, reduced, stage
+from backends.torch.parallel import Broadcast, Received, join, reduced, stage
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
@@ -183,9 +183,9 @@ def build(
     state = {}
     for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
         state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, dt)
-    if args.tied_embeddings and isinstance(model.output, Linear):  # one table, two uses
+    if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
         state["output.weight"] = state["tok_embeddings.weight"]
-    if not isinstance(model.tok_embeddings, torch.nn.Embedding):  # a later pipeline rank's
+    if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's
         state.pop("tok_embeddings.weight", None)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
