@@ -11,7 +11,7 @@ import pytest
 
 import mistral
 from mistral.checkpoint import read_checkpoint, write_checkpoint
-from mistral.parallel import Shard, local_args, shard_tensors
+from mistral.parallel import Shard, local_args, shard_tensors, stage_layers
 from mistral.weights import random_weights
 from tests.helpers import ROOT, tiny
 
@@ -87,14 +87,31 @@ def test_what_does_not_split_is_refused_in_one_line():
     with pytest.raises(mistral.MistralError, match=r"under mlx\.launch"):
         mistral.from_tensors(args, random_weights(args), "mlx", "cpu", parallel="tensor")
     with pytest.raises(mistral.MistralError, match="unknown parallel"):
-        mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="pipeline")
+        mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="expert")
+    with pytest.raises(mistral.MistralError, match="do not split over 9 pipeline ranks"):
+        stage_layers(args.n_layers, Shard(0, 9))
 
 
-def test_generate_under_torchrun_prints_once_what_one_process_prints():
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_generate_under_torchrun_prints_once_what_one_process_prints(kind):
     args = ["generate", "--prompt", "And it came to pass", "--max-tokens", "20"]
     tp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          "-m", "mistral", *args, "--parallel", "tensor"]  # fmt: skip
+          "-m", "mistral", *args, "--parallel", kind]  # fmt: skip
     out = subprocess.run(tp, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    one = subprocess.run([sys.executable, "-m", "mistral", *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert out.stdout == one.stdout and out.stdout.startswith("And it came to pass"), out.stderr
+
+
+def test_generate_under_mlx_launch_prints_once_what_one_process_prints():
+    from pathlib import Path
+
+    args = ["generate", "--prompt", "And it came to pass", "--max-tokens", "20", "--backend", "mlx"]
+    launch = Path(sys.executable).parent / "mlx.launch"
+    # "--": the command's own --backend is not mlx.launch's
+    run = [str(launch), "--backend", "ring", "-n", "2", "--python", sys.executable,
+           "--", "-m", "mistral", *args, "--parallel", "pipeline"]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     one = subprocess.run([sys.executable, "-m", "mistral", *args], capture_output=True,
                          text=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
     assert out.stdout == one.stdout and out.stdout.startswith("And it came to pass"), out.stderr

@@ -33,10 +33,10 @@ class ModelOptions:
     compile: bool = False
     """torch: compile the static-shape decode step (torch.compile; replayed as a CUDA graph on
     CUDA). The first steps are slow while it compiles."""
-    parallel: str | None = sp.choice("tensor", default=None)
-    """Split the model over the ranks torchrun started (torchrun --nproc-per-node N -m mistral
-    generate ... --parallel tensor): each holds a share of the heads and hidden units; rank 0
-    alone prints."""
+    parallel: str | None = sp.choice("tensor", "pipeline", default=None)
+    """Split the model over the ranks torchrun or mlx.launch started (torchrun --nproc-per-node
+    N -m mistral generate ... --parallel tensor): tensor, each rank a share of every layer's heads
+    and hidden units; pipeline, each a block of whole layers. Rank 0 alone prints."""
 
     def load(self) -> mistral.Model:
         """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
@@ -54,7 +54,8 @@ class ModelOptions:
             self.tokenizer,
             self.parallel,
         )
-        if self.parallel and os.environ.get("RANK", "0") != "0":  # one rank speaks for all
+        rank = os.environ.get("RANK", os.environ.get("MLX_RANK", "0"))  # torchrun's, mlx.launch's
+        if self.parallel and rank != "0":  # one rank speaks for all
             sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
         return model
 
