@@ -149,3 +149,19 @@ def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind
         assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
         assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
         assert got["tokens"].tolist() == tokens, rank
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_a_rank_that_dies_ends_the_others_in_one_line(kind):
+    """Rank 1 dies while rank 0 waits for it: rank 0's transfer fails at once (gloo sees the
+    closed connection; a peer that hangs instead is given up after MISTRAL_RANK_TIMEOUT) and
+    its command ends with one line, no traceback, within the test's timeout. (torchrun also
+    ends the others when a rank fails; its check every 5 s here lets rank 0 speak first.)"""
+    args = ["generate", "--prompt", "And it came to pass", "--max-tokens", "20", "--parallel", kind]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--monitor-interval", "5", str(ROOT / "tests" / "dying_rank.py"), *args]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert out.returncode != 0
+    lines = [x for x in out.stderr.splitlines() if "mistral generate: error:" in x]
+    assert len(lines) == 1 and "another rank ended or stopped answering" in lines[0], out.stderr
+    assert "[rank0]: Traceback" not in out.stderr

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,12 +21,26 @@ from mistral.errors import MistralError
 from mistral.parallel import Shard, stage_layers
 
 
+def rank_timeout() -> timedelta:
+    """How long a rank waits for the others in one transfer before giving up:
+    MISTRAL_RANK_TIMEOUT seconds, 600 by default (a slow rank may still be loading)."""
+    value = os.environ.get("MISTRAL_RANK_TIMEOUT", "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e7:
+        raise MistralError(f"MISTRAL_RANK_TIMEOUT must be a number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def join(device: torch.device) -> tuple[Shard, torch.device]:
     """This process's rank among torchrun's, and its device (cuda:LOCAL_RANK on CUDA)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise MistralError("parallel ranks run under torchrun (RANK and WORLD_SIZE are unset)")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=rank_timeout())
         atexit.register(leave)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -34,10 +50,28 @@ def join(device: torch.device) -> tuple[Shard, torch.device]:
 
 def leave() -> None:
     """At exit, every rank waits for the others before the group is torn down: a rank whose
-    peer closed its connections first could abort in gloo's transport."""
-    if dist.is_initialized():
+    peer closed its connections first could abort in gloo's transport. Where a peer has ended
+    already, the group is left as it is."""
+    if not dist.is_initialized():
+        return
+    try:
         dist.barrier()
-        dist.destroy_process_group()
+    except RuntimeError:
+        return
+    dist.destroy_process_group()
+
+
+PEER_SIGNS = ("Connection closed", "Connection reset", "imed out", "Broken pipe", "NCCL")
+
+
+def peer_lost(error: RuntimeError) -> MistralError | None:
+    """The one-line error of a transfer that failed because another rank ended or stopped
+    answering (None: some other error)."""
+    text = str(error).strip()
+    if not dist.is_initialized() or not any(sign in text for sign in PEER_SIGNS):
+        return None
+    why = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0][:160]  # no path
+    return MistralError(f"rank {dist.get_rank()}: another rank ended or stopped answering ({why})")
 
 
 def reduced(kernel: Callable | None) -> Callable:

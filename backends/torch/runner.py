@@ -12,7 +12,7 @@ import torch
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
 from backends.torch.model import Linear, Transformer
-from backends.torch.parallel import Broadcast, Received, join, reduced, stage
+from backends.torch.parallel import Broadcast, Received, join, peer_lost, reduced, stage
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
@@ -127,7 +127,13 @@ class Runner:
             last = torch.from_numpy(next(iter(plans.values())).last_index).to(self.torch_device)
         decode = all(plan.key_layout == "cache" for plan in plans.values())
         compiled = decode and self.taps is None  # a recorded step runs eager
-        out = (self.decode_model if compiled else self.model)(x, steps, cache, last)
+        try:
+            out = (self.decode_model if compiled else self.model)(x, steps, cache, last)
+        except RuntimeError as e:  # parallel ranks: a peer that ended is named in one line
+            lost = peer_lost(e)
+            if lost is None:
+                raise
+            raise lost from None
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
 
