@@ -225,6 +225,7 @@ class BenchSetup:
     chunk_size: int | None = None
     compare: tuple[str, ...] = ()
     compile: bool = False
+    parallel: str | None = None  # under torchrun or mlx.launch: this rank's share
 
 
 def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:
@@ -234,7 +235,9 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     # built, so that what it adds to the process is its own.
     meter = backend(s.backend).meter(s.args, s.device, s.dtype)
     before = held_now(meter)
-    model = from_tensors(s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
+    model = from_tensors(
+        s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile, parallel=s.parallel
+    )
     name, clocks = f"ours ({s.backend})", [StepClock()]
     ours = our_run(model, meter, prompts, s.gen_len, s.chunk_size, clocks[0].tick)
     runs = [(name, model.device, model.dtype, ours)]

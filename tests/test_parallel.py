@@ -165,3 +165,20 @@ def test_a_rank_that_dies_ends_the_others_in_one_line(kind):
     lines = [x for x in out.stderr.splitlines() if "mistral generate: error:" in x]
     assert len(lines) == 1 and "another rank ended or stopped answering" in lines[0], out.stderr
     assert "[rank0]: Traceback" not in out.stderr
+
+
+def test_bench_under_torchrun_reports_each_rank_s_memory():
+    """Rank 0 prints the report once; every rank its own share's memory; --compare refused."""
+    args = ["bench", "--config", "tiny-window", "--prompt-len", "8", "--gen-len", "4",
+            "--repeats", "1", "--device", "cpu", "--dtype", "float32",
+            "--parallel", "pipeline"]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mistral", *args]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert out.stdout.count("decode tok/s") == 1, out.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: ours added" in out.stderr, out.stderr
+    from tests.test_cli import assert_one_line_error
+    from tests.test_cli import run as cli
+
+    assert_one_line_error(cli(*args, "--compare", "hf"), "not with --parallel")

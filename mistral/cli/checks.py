@@ -15,6 +15,7 @@ from mistral.bench import BenchSetup, run_bench
 from mistral.bench_report import format_report
 from mistral.bench_report import plot as plot_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
+from mistral.cli.options import launcher_rank
 from mistral.contract import BACKENDS
 from mistral.diff import continuation, load_side, precision_of, run_diff
 from mistral.diff import plot as plot_diff
@@ -168,6 +169,10 @@ class Bench:
     """Comma-separated references to run on the same weights: hf, mlx-lm."""
     compile: bool = False
     """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
+    parallel: str | None = sp.choice("tensor", "pipeline", default=None)
+    """Measure one model split over the ranks torchrun or mlx.launch started (as generate's
+    --parallel): rank 0 prints the report; every rank prints one line with the memory its share
+    added at its peak."""
     json: str | None = None
     """Also write the report as JSON to this file (with the package versions and the machine)."""
     plot: str | None = None
@@ -210,6 +215,8 @@ class Bench:
         for c in compare:
             if c not in ("hf", "mlx-lm"):
                 raise MistralError(f"--compare: unknown reference {c!r} (use hf, mlx-lm)")
+        if self.parallel and compare:
+            raise MistralError("--compare runs one process: not with --parallel")
         setup = BenchSetup(
             args,
             tensors,
@@ -225,8 +232,17 @@ class Bench:
             self.chunk_size,
             compare,
             self.compile,
+            self.parallel,
         )
-        report = run_bench(setup, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        rank = launcher_rank() if self.parallel else 0
+        report = run_bench(
+            setup, progress=lambda msg: rank or print(msg, file=sys.stderr, flush=True)
+        )
+        if self.parallel:  # each rank's own memory; the rest of the report is every rank's
+            added = report["results"][0]["peak_bytes"]["median"] / 2**20
+            print(f"rank {rank}: ours added {added:,.1f} MiB at its peak", file=sys.stderr)
+        if rank:
+            return
         print(format_report(report))
         if self.json:
             Path(self.json).write_text(json.dumps(report, indent=2))

@@ -54,10 +54,15 @@ class ModelOptions:
             self.tokenizer,
             self.parallel,
         )
-        rank = os.environ.get("RANK", os.environ.get("MLX_RANK", "0"))  # torchrun's, mlx.launch's
-        if self.parallel and rank != "0":  # one rank speaks for all
+        if self.parallel and launcher_rank():  # one rank speaks for all
             sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
         return model
+
+
+def launcher_rank() -> int:
+    """This process's rank as torchrun (RANK) or mlx.launch (MLX_RANK) numbered it; 0 alone."""
+    value = os.environ.get("RANK", os.environ.get("MLX_RANK", "0"))
+    return int(value) if value.isdigit() else 0
 
 
 @dataclass
