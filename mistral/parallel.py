@@ -29,10 +29,14 @@ from mistral.errors import MistralError
 from mistral.weights import RawTensor
 
 KINDS = ("tensor", "pipeline")
+# Split by output rows, per head or hidden unit: the attention's query, key and value projections
+# (latent attention: wq or wq_b, and wkv_b, the latent itself whole on every rank) and every
+# feed-forward's w1 and w3 (dense, each expert's, the shared experts'); by input columns: wo, w2.
 ROWS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
-ROWS += ("feed_forward.w1.weight", "feed_forward.w3.weight")
-COLUMNS = ("attention.wo.weight", "feed_forward.w2.weight")
+ROWS += ("attention.wq_b.weight", "attention.wkv_b.weight")
+FFN_ROWS, FFN_COLUMNS = (".w1.weight", ".w3.weight"), (".w2.weight",)
 REDUCED = ("attention.wo", "feed_forward.w2")  # the modules whose outputs are all-reduced
+# (MoE layers: the layer's output, once, after the weighted sum of its experts' partial sums)
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,51 @@ class Shard:
     world: int
 
 
+def kv_heads(args: ModelArgs, shard: Shard) -> range:
+    """The key/value heads a rank holds: its share when they split over the ranks; else the one
+    head its query heads all share, replicated on the ranks that share it."""
+    H, K, w = args.n_heads, args.n_kv_heads, shard.world
+    if K % w == 0:
+        return range(shard.rank * K // w, (shard.rank + 1) * K // w)
+    per_rank, per_kv = H // w, H // K  # query heads per rank, query heads per kv head
+    if per_kv % per_rank:
+        raise MistralError(
+            f"n_kv_heads ({K}) does not split over {w} ranks, and a rank's {per_rank} query "
+            f"heads would need parts of two"
+        )
+    first = shard.rank * per_rank // per_kv
+    return range(first, first + 1)
+
+
 def local_args(args: ModelArgs, shard: Shard) -> ModelArgs:
-    """The shapes one rank builds: its share of the heads and hidden units."""
+    """The shapes one rank builds: its share of the heads and hidden units (of every expert)."""
     w = shard.world
-    if args.moe is not None:
-        raise MistralError("tensor parallelism of MoE layers is not supported yet")
-    if args.mla:
-        raise MistralError("tensor parallelism of latent attention is not supported yet")
-    for name in ("n_heads", "n_kv_heads", "hidden_dim"):
-        if getattr(args, name) % w:
-            raise MistralError(f"{name} ({getattr(args, name)}) does not split over {w} ranks")
-    n_heads, n_kv, hidden = args.n_heads // w, args.n_kv_heads // w, args.hidden_dim // w
-    return dataclasses.replace(args, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden)
+    m = args.moe
+    sizes = {"n_heads": args.n_heads, "hidden_dim": args.hidden_dim}
+    if m is not None and m.expert_hidden_dim is not None:
+        sizes["moe.expert_hidden_dim"] = m.expert_hidden_dim
+    for name, n in sizes.items():
+        if n % w:
+            raise MistralError(f"{name} ({n}) does not split over {w} ranks")
+    local = dataclasses.replace(
+        args,
+        n_heads=args.n_heads // w,
+        n_kv_heads=args.n_heads // w if args.mla else len(kv_heads(args, shard)),  # MLA: unused
+        hidden_dim=args.hidden_dim // w,
+    )
+    if m is not None and m.expert_hidden_dim is not None:
+        local.moe = dataclasses.replace(m, expert_hidden_dim=m.expert_hidden_dim // w)
+    return local
+
+
+def split_of(name: str) -> str | None:
+    """ "rows", "columns", or None (held whole) for a tensor of the spec."""
+    ffn = ".feed_forward." in name
+    if name.endswith(ROWS) or (ffn and name.endswith(FFN_ROWS)):
+        return "rows"
+    if name.endswith("attention.wo.weight") or (ffn and name.endswith(FFN_COLUMNS)):
+        return "columns"
+    return None
 
 
 def shard_tensors(
@@ -61,24 +98,20 @@ def shard_tensors(
     """This rank's slices, as views: only they are read from the (memory-mapped) files."""
     if any(not isinstance(t, RawTensor) for t in tensors.values()):
         raise MistralError("tensor parallelism of quantized weights is not supported yet")
-    local = local_args(args, shard)
-    sizes = {
-        "wq": local.n_heads * args.head_dim,
-        "wk": local.n_kv_heads * args.head_dim,
-        "wv": local.n_kv_heads * args.head_dim,
-        "wo": local.n_heads * args.head_dim,
-        "w1": local.hidden_dim,
-        "w3": local.hidden_dim,
-        "w2": local.hidden_dim,
-    }
+    local_args(args, shard)  # refuses what does not split
+    kv = None if args.mla else kv_heads(args, shard)
     out = {}
     for name, t in tensors.items():
-        if not name.endswith(ROWS + COLUMNS):
+        split = split_of(name)
+        if split is None:
             out[name] = t
-            continue
-        n = sizes[name.split(".")[-2]]
-        start, stop = shard.rank * n, (shard.rank + 1) * n
-        out[name] = rows_of(t, start, stop) if name.endswith(ROWS) else columns_of(t, start, stop)
+        elif kv is not None and name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            out[name] = rows_of(t, kv.start * args.head_dim, kv.stop * args.head_dim)
+        else:
+            axis = 0 if split == "rows" else 1
+            n = t.shape[axis] // shard.world
+            take = rows_of if split == "rows" else columns_of
+            out[name] = take(t, shard.rank * n, (shard.rank + 1) * n)
     return out
 
 

@@ -3,6 +3,7 @@ rank gives the logits and greedy tokens of one process; each rank holds only its
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -24,15 +25,29 @@ def failure(stderr: str) -> str:
     return "\n".join(keep[-40:])
 
 
-TORCHRUNS = [("tensor", "tiny-window", "mistral"), ("tensor", "tiny-window", "hf")]
-TORCHRUNS += [("pipeline", c, "mistral") for c in ("tiny-window", "tiny-moe", "tiny-latent")]
+CASES = ("tiny-window", "tiny-moe", "tiny-latent")
+TORCHRUNS = [("tensor", "tiny-window", "hf"), ("tensor", "tiny-mqa", "mistral")]
+TORCHRUNS += [(kind, c, "mistral") for kind in ("tensor", "pipeline") for c in CASES]
+
+
+MLX_RUNS = [("tensor", c) for c in CASES] + [("pipeline", "tiny-window")]
+MLX_RUNS += [("pipeline", "tiny-latent")]
+
+
+def case_args(config: str) -> mistral.ModelArgs:
+    """A tiny config; tiny-mqa: tiny-window with one key/value head, which every rank holds."""
+    if config == "tiny-mqa":
+        return dataclasses.replace(tiny("tiny-window"), n_kv_heads=1)
+    return tiny(config)
 
 
 @pytest.mark.parametrize("kind, config, layout", TORCHRUNS)
 def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind, config, layout):
-    """Tensor: a share of every layer; pipeline: a block of whole layers each (a sliding window,
-    Mixtral's experts, latent attention with DeepSeekMoE), activations sent between the ranks."""
-    args = tiny(config)
+    """Tensor: a share of every layer (of every expert's hidden units; a key/value head that
+    does not split held by the ranks whose queries share it); pipeline: a block of whole layers
+    each, activations sent between the ranks. A sliding window, Mixtral's experts, latent
+    attention with DeepSeekMoE."""
+    args = case_args(config)
     write_checkpoint(tmp_path / "m", layout, args, random_weights(args, seed=1))
     run = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -80,8 +95,10 @@ def test_what_does_not_split_is_refused_in_one_line():
     args = tiny("tiny-window")
     with pytest.raises(mistral.MistralError, match="does not split over 3 ranks"):
         local_args(args, Shard(0, 3))
-    with pytest.raises(mistral.MistralError, match="MoE"):
-        local_args(tiny("tiny-moe"), Shard(0, 2))
+    six = dataclasses.replace(args, n_heads=6, n_kv_heads=2, hidden_dim=96)  # 3 per kv head
+    with pytest.raises(mistral.MistralError, match="would need parts of two"):
+        local_args(six, Shard(0, 3))  # 2 query heads per rank: kv heads 0 and 0, 0 and 1, ...
+    assert local_args(six, Shard(2, 6)).n_kv_heads == 1  # 1 query head per rank: its kv head
     with pytest.raises(mistral.MistralError, match="under torchrun"):
         mistral.from_tensors(args, random_weights(args), "torch", "cpu", parallel="tensor")
     with pytest.raises(mistral.MistralError, match=r"under mlx\.launch"):
@@ -126,7 +143,7 @@ def test_chat_refuses_parallel_ranks_in_one_line():
 
 @pytest.mark.parametrize(
     "kind, config",
-    [("tensor", "tiny-window"), ("pipeline", "tiny-window"), ("pipeline", "tiny-latent")],
+    MLX_RUNS,
 )
 def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind, config):
     """mlx.launch's ring backend, 2 local processes. It exits 0 even when a rank fails, so the

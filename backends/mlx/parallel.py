@@ -33,6 +33,17 @@ def reduced(kernel: Callable | None, group: mx.distributed.Group) -> Callable:
     return product
 
 
+class AllSummed(nn.Module):
+    """A MoE layer whose output (its experts' partial sums, weighted) is summed over the ranks."""
+
+    def __init__(self, layer: nn.Module, group: mx.distributed.Group) -> None:
+        super().__init__()
+        self.layer, self.group = layer, group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(self.layer(x), group=self.group)
+
+
 class Received(nn.Module):
     """In place of the embeddings on a later pipeline rank: the previous rank's activations."""
 

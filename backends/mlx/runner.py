@@ -12,8 +12,8 @@ import numpy as np
 
 from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
-from backends.mlx.model import Linear, Transformer
-from backends.mlx.parallel import Broadcast, Received, connect, join, reduced, stage
+from backends.mlx.model import Linear, MoeLayer, Transformer
+from backends.mlx.parallel import AllSummed, Broadcast, Received, connect, join, reduced, stage
 from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
@@ -187,4 +187,7 @@ def build(
             module.kernel = reduced(kernel, group) if shard and name.endswith(REDUCED) else kernel
     if pipeline is not None:
         connect(model, pipeline, group)
+    for block in model.layers if shard else []:  # a MoE layer's partial sums, summed once
+        if isinstance(block.feed_forward, MoeLayer):
+            block.feed_forward = AllSummed(block.feed_forward, group)
     return Runner(args, model, dev, dt)

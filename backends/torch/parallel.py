@@ -74,6 +74,12 @@ def peer_lost(error: RuntimeError) -> MistralError | None:
     return MistralError(f"rank {dist.get_rank()}: another rank ended or stopped answering ({why})")
 
 
+def reduce_output(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the module's output summed over the ranks (a MoE layer's, once)."""
+    dist.all_reduce(out)
+    return out
+
+
 def reduced(kernel: Callable | None) -> Callable:
     """x @ weight.T summed over the ranks (each holds a share of the inputs)."""
 

@@ -11,8 +11,16 @@ import torch
 
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
-from backends.torch.model import Linear, Transformer
-from backends.torch.parallel import Broadcast, Received, join, peer_lost, reduced, stage
+from backends.torch.model import Linear, MoeLayer, Transformer
+from backends.torch.parallel import (
+    Broadcast,
+    Received,
+    join,
+    peer_lost,
+    reduce_output,
+    reduced,
+    stage,
+)
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
@@ -201,6 +209,8 @@ def build(
     for name, module in model.named_modules():
         if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
             module.kernel = reduced(kernel) if shard and name.endswith(REDUCED) else kernel
+        if shard and isinstance(module, MoeLayer):  # its experts' partial sums, summed once
+            module.register_forward_hook(reduce_output)
     runner = Runner(args, model, dev, dt)
     if compile:
         # Decode steps have static shapes (keys = the whole buffer): compiled once, and on CUDA
