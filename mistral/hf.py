@@ -160,9 +160,11 @@ def tensors_from_hf(
     ``quantization``), each packed weight with its scales and biases as one QuantizedTensor."""
     if fp8 is not None:  # Hugging Face's FP8: e4m3 codes with a weight_scale_inv per block
         tensors = gather_fp8(dict(tensors), fp8, source)
-    elif quantization is not None:
+    elif quantization is not None:  # mlx-lm's: a Mixtral's stacked experts split first
         default, layers = quant.config_quantization(quantization, source)
-        tensors = quant.gather(dict(tensors), default, layers, source)
+        n = args.moe.num_experts if args.moe else 0
+        layers = unstack_layers(layers, n)
+        tensors = quant.gather(unstack_experts(tensors), default, layers, source)
     elif any(k.endswith((".scales", ".biases")) for k in tensors):
         first = next(k for k in tensors if k.endswith((".scales", ".biases")))
         raise MistralError(f"{source}: {first} but the config has no quantization block")
@@ -191,7 +193,9 @@ def tensors_from_hf(
     return out
 
 
-_SWITCH = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)\.weight$")
+_SWITCH = re.compile(
+    r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)\.(weight|scales|biases)$"
+)
 _SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 # transformers' mistral4 writes each layer's experts fused: gate_up_proj (E, 2 hidden, dim),
 # gate rows first, and down_proj (E, dim, hidden).
@@ -217,9 +221,20 @@ def unstack_experts(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
         if match is None or match.group(2) not in _SWITCH_NAMES:
             out[name] = t
             continue
-        prefix, w = match.group(1), _SWITCH_NAMES[match.group(2)]
-        for e in range(t.shape[0]):
-            out[f"{prefix}experts.{e}.{w}.weight"] = RawTensor(t.dtype, t.data[e])
+        prefix, w, part = match.group(1), _SWITCH_NAMES[match.group(2)], match.group(3)
+        for e in range(t.shape[0]):  # (quantized: codes, scales and biases alike)
+            out[f"{prefix}experts.{e}.{w}.{part}"] = RawTensor(t.dtype, t.data[e])
+    return out
+
+
+def unstack_layers(layers: dict[str, Any], n_experts: int) -> dict[str, Any]:
+    """mlx-lm's per-layer quantization keyed by module path, a switch_mlp's for each expert."""
+    out = dict(layers)
+    for path, q in layers.items():
+        match = re.match(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)$", path)
+        if match and match.group(2) in _SWITCH_NAMES:
+            w = _SWITCH_NAMES[match.group(2)]
+            out |= {f"{match.group(1)}experts.{e}.{w}": q for e in range(n_experts)}
     return out
 
 

@@ -372,10 +372,19 @@ def test_the_mlx_lm_reference_holds_a_quantized_folder_as_mlx_lm_loads_it(quanti
     assert max_diff([ref], [theirs]) <= 1e-5 and max_diff([ref], ours) <= 1e-4
 
 
-def test_quantized_moe_experts_are_refused_in_one_line(tmp_path):
-    """mlx-lm stacks a Mixtral layer's experts (3-D codes): not supported yet, said in one line."""
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+def test_both_backends_match_mlx_lm_on_its_quantized_mixtral(tmp_path, bits, group):
+    """mlx-lm stacks a Mixtral layer's experts (3-D codes, scales and biases, switch_mlp) and
+    quantizes the gate too: split per expert on reading; MLX multiplies each expert's codes
+    (its experts then loop, not gathered), torch dequantizes them."""
     moe = dataclasses.replace(tiny("tiny-moe"), vocab_size=2048)
-    folder, _ = mlx_lm_quantized(tmp_path, moe, 4, 32)
-    with pytest.raises(mistral.MistralError, match="switch_mlp") as e:
-        read_checkpoint(folder)
-    assert "\n" not in str(e.value)
+    folder, theirs = mlx_lm_quantized(tmp_path, moe, bits, group)
+    ckpt = read_checkpoint(folder)
+    assert isinstance(ckpt.tensors["layers.0.feed_forward.experts.3.w1.weight"], QuantizedTensor)
+    assert isinstance(ckpt.tensors["layers.0.feed_forward.gate.weight"], QuantizedTensor)
+    rows = random_rows([16, 9], moe.vocab_size, 1)  # within the window: mlx-lm's has none
+    expected = mlx_lm_logits(theirs, rows)
+    for backend in ("torch", "mlx"):
+        model = mistral.load(folder, backend=backend, device="cpu", dtype="float32")
+        assert max_diff(model.logits(rows), expected) <= 1e-4, backend
+        assert max_diff(model.logits(rows, chunk_size=7), expected) <= 1e-4, backend

@@ -8,7 +8,7 @@ import threading
 
 import mlx.core as mx
 
-from backends.mlx.model import MoeLayer, Transformer
+from backends.mlx.model import Linear, MoeLayer, Transformer
 from mistral.measure import cpu_cache_bytes, cpu_cores
 
 
@@ -71,6 +71,8 @@ def stack_experts(model: Transformer) -> None:
     for block in model.layers:
         moe = block.feed_forward
         if not isinstance(moe, MoeLayer):
+            continue
+        if not all(isinstance(e.w1, Linear) for e in moe.experts):  # quantized: they loop
             continue
         stacked = []
         for name in ("w1", "w2", "w3"):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from backends.mlx.model import Router
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
 from mistral.quant import Quantization, QuantizedTensor
@@ -33,6 +34,14 @@ class QuantizedLinear(nn.Module):
         return mx.quantized_matmul(
             x, self.weight, self.scales, biases, True, q.group_size, q.bits, mode=q.mode
         )
+
+
+class QuantizedRouter(QuantizedLinear):
+    """A quantized MoE gate, with DeepSeek-V3's per-expert bias when its scores are sigmoids."""
+
+    def __init__(self, t: QuantizedTensor, dtype: mx.Dtype, biased: bool) -> None:
+        super().__init__(t, dtype)
+        self.e_score_correction_bias = mx.zeros((t.shape[0],)) if biased else None
 
 
 class QuantizedEmbedding(QuantizedLinear):
@@ -62,8 +71,6 @@ def quantize_modules(
     quantized = {k.removesuffix(".weight"): t for k, t in tensors.items() if is_q(t)}
     if tied and "tok_embeddings" in quantized:
         quantized["output"] = quantized["tok_embeddings"]
-    if any(".experts." in path for path in quantized):
-        raise MistralError("quantized MoE experts are not supported on MLX yet (torch: yes)")
     if any(path.endswith("attention.wkv_b") for path in quantized):  # absorbed decode reads it
         raise MistralError("a quantized wkv_b (latent attention) is not supported on MLX yet")
     for path, t in quantized.items():
@@ -71,8 +78,13 @@ def quantize_modules(
         owner = model
         for p in parents:
             owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
-        cls = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
-        setattr(owner, name, cls(t, dtype))
+        if name == "tok_embeddings":
+            setattr(owner, name, QuantizedEmbedding(t, dtype))
+        elif isinstance(getattr(owner, name), Router):  # a MoE gate keeps its bias, if any
+            biased = getattr(owner, name).e_score_correction_bias is not None
+            setattr(owner, name, QuantizedRouter(t, dtype, biased))
+        else:
+            setattr(owner, name, QuantizedLinear(t, dtype))
 
 
 def arrays(
