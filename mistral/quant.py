@@ -20,30 +20,35 @@ from typing import Any
 import numpy as np
 
 from mistral.errors import MistralError
+from mistral.fp8 import E4M3
 from mistral.weights import RawTensor, cast, from_numpy, nbytes_of
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
-MODES = ("affine", "mxfp4")
-# mxfp4's codes: E2M1 values; its scales are E8M0, 2^(s - 127), one uint8 per group of 32.
+MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+# The float modes, no biases: (bits, group size). mxfp4's codes are E2M1 values, mxfp8's E4M3,
+# both times an E8M0 scale, 2^(s - 127), one uint8 per group; nvfp4's are E2M1 values times an
+# E4M3 scale (one uint8 per group of 16).
+FLOAT_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
 @dataclass(frozen=True)
 class Quantization:
     """One layer's: bits per code, inputs per group, and the mode: affine (scale * code + bias)
-    or mxfp4 (an E2M1 value times a power of two per group of 32, no bias)."""
+    or a float mode (mxfp4, mxfp8, nvfp4: a small float times its group's scale, no bias)."""
 
     bits: int
     group_size: int
     mode: str = "affine"
 
     def __post_init__(self) -> None:
-        if self.mode == "mxfp4":
-            if (self.bits, self.group_size) != (4, 32):
-                raise MistralError("mxfp4 is 4 bits in groups of 32")
+        if self.mode in FLOAT_MODES:
+            bits, group = FLOAT_MODES[self.mode]
+            if (self.bits, self.group_size) != (bits, group):
+                raise MistralError(f"{self.mode} is {bits} bits in groups of {group}")
         elif self.mode != "affine":
             raise MistralError(f"quantization mode {self.mode!r} is not supported ({MODES})")
         elif self.bits not in BITS or self.group_size not in GROUP_SIZES:
@@ -58,7 +63,7 @@ class QuantizedTensor:
     """A weight as packed codes with their scales and biases; ``shape`` is the weight's own."""
 
     packed: RawTensor  # uint32 (out, in * bits / 32)
-    scales: RawTensor  # (out, in / group_size): float (affine) or uint8 exponents (mxfp4)
+    scales: RawTensor  # (out, in / group_size): float (affine) or uint8 (the float modes)
     biases: RawTensor | None  # affine only
     q: Quantization
 
@@ -68,7 +73,7 @@ class QuantizedTensor:
 
     @property
     def dtype(self) -> str:
-        """The dtype it dequantizes to by default (mxfp4: bfloat16, as mx.dequantize)."""
+        """The dtype it dequantizes to by default (float modes: bfloat16, as mx.dequantize)."""
         return "bfloat16" if self.biases is None else self.scales.dtype
 
     @property
@@ -112,12 +117,16 @@ def dequantize(t: QuantizedTensor, dtype: str) -> np.ndarray:
     out, n = t.shape
     g = t.q.group_size
     codes = unpack(t.packed.data, t.q.bits, n).reshape(out, n // g, g)
-    if t.biases is None:  # mxfp4: exact in float32 (a power of two times an E2M1 value)
-        exponent = t.scales.data.astype(np.int32)[..., None]
-        scale = np.where(
-            exponent == 0, np.float32(2.0**-127), np.ldexp(np.float32(1), exponent - 127)
-        )
-        return rounded((FP4[codes] * scale.astype(np.float32)).reshape(out, n), dtype)
+    if t.biases is None:  # float modes: exact in float32 (few significant bits times a scale)
+        values = E4M3 if t.q.mode == "mxfp8" else FP4
+        if t.q.mode == "nvfp4":
+            scale = E4M3[t.scales.data][..., None]
+        else:
+            exponent = t.scales.data.astype(np.int32)[..., None]
+            scale = np.where(
+                exponent == 0, np.float32(2.0**-127), np.ldexp(np.float32(1), exponent - 127)
+            )
+        return rounded((values[codes] * scale.astype(np.float32)).reshape(out, n), dtype)
     codes = codes.astype(np.float32)
     scales = rounded(t.scales.to_numpy(), dtype)[..., None]
     biases = rounded(t.biases.to_numpy(), dtype)[..., None]
@@ -170,9 +179,9 @@ def gather(
             continue
         q = layers.get(module, default)
         scales, biases = tensors[module + ".scales"], tensors.get(module + ".biases")
-        if q is None or (biases is None) != (q.mode == "mxfp4"):
+        if q is None or (biases is None) != (q.mode in FLOAT_MODES):
             raise MistralError(f"{source}: {name} is packed, but not as its layer's quantization")
-        exponents = q.mode == "mxfp4" and scales.dtype == "uint8"
+        exponents = q.mode in FLOAT_MODES and scales.dtype == "uint8"
         fits = biases is None or (scales.shape == biases.shape and scales.dtype != "uint8")
         if t.dtype != "uint32" or len(t.shape) != 2 or not (exponents or fits):
             raise MistralError(f"{source}: {name} is not packed uint32 codes with its scales")

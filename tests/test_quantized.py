@@ -262,36 +262,46 @@ def test_quantize_asks_for_mlx_s_layout_and_sane_bits(tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_mxfp4_unpacks_as_mx_dequantize(dtype):
-    """E2M1 codes times 2^(s - 127) per group of 32, exact in float32, then rounded to the run's
-    dtype: mx.dequantize's values (it gives bfloat16; asked for the dtype, that dtype)."""
+def test_float_modes_unpack_as_mx_dequantize(dtype, mode):
+    """E2M1 (mxfp4, nvfp4) or E4M3 (mxfp8) codes times their group's scale, 2^(s - 127) or an
+    E4M3 value (nvfp4), exact in float32, then rounded to the run's dtype: mx.dequantize's values
+    (it gives bfloat16; asked for the dtype, that dtype). Some groups all zero, some tiny."""
     import mlx.core as mx
 
+    from mistral.quant import FLOAT_MODES
+
+    bits, group = FLOAT_MODES[mode]
     rng = np.random.default_rng(3)
-    w = mx.array(rng.standard_normal((16, 256), dtype=np.float32) * 4).astype(getattr(mx, dtype))
-    packed, scales = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
-    expected = mx.dequantize(packed, scales, group_size=32, bits=4, mode="mxfp4")
+    w = rng.standard_normal((16, 256), dtype=np.float32) * 4
+    w[0, :64], w[1, :group] = 0.0, 1e-6 * w[1, :group]
+    w = mx.array(w).astype(getattr(mx, dtype))
+    packed, scales = mx.quantize(w, group_size=group, bits=bits, mode=mode)
+    expected = mx.dequantize(packed, scales, group_size=group, bits=bits, mode=mode)
     expected = np.array(expected.astype(getattr(mx, dtype)).astype(mx.float32))
     t = QuantizedTensor(
         RawTensor("uint32", np.array(packed)),
         RawTensor("uint8", np.array(scales)),
         None,
-        Quantization(4, 32, "mxfp4"),
+        Quantization(bits, group, mode),
     )
     assert np.array_equal(dequantize(t, dtype), expected)
 
 
-def test_both_backends_match_mlx_lm_on_an_mxfp4_folder(tmp_path):
+@pytest.mark.parametrize(
+    "mode, bits, group", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
+)
+def test_both_backends_match_mlx_lm_on_a_float_mode_folder(tmp_path, mode, bits, group):
     from mlx_lm import load
     from mlx_lm.convert import convert
 
     src = hf_folder(tmp_path / "hf", BASE)
-    convert(str(src), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32,
-            q_mode="mxfp4", dtype="float32")  # fmt: skip
+    convert(str(src), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=group,
+            q_mode=mode, dtype="float32")  # fmt: skip
     theirs = load(str(tmp_path / "q"))[0]
     ckpt = read_checkpoint(tmp_path / "q")
-    assert ckpt.tensors["layers.0.attention.wq.weight"].q.mode == "mxfp4"
+    assert ckpt.tensors["layers.0.attention.wq.weight"].q.mode == mode
     rows = random_rows([30, 9], BASE.vocab_size, 1)
     expected = mlx_lm_logits(theirs, rows)
     for backend in ("torch", "mlx"):
