@@ -143,7 +143,8 @@ def rewrite(folder, dst, edit_config=None, edit_tensors=None):
     "edit_config, edit_tensors, message",
     [
         (lambda c: c["quantization"].update(bits=7), None, "7 bits"),
-        (lambda c: c["quantization"].update(mode="nvfp4"), None, "not supported yet"),
+        (lambda c: c["quantization"].update(mode="mxfp6"), None, "not supported yet"),
+        (lambda c: c["quantization"].update(mode="nvfp4"), None, "4 bits in groups of 16"),
         (lambda c: c.pop("quantization"), None, "no quantization block"),
         (
             None,
