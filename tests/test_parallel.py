@@ -26,10 +26,11 @@ def failure(stderr: str) -> str:
 
 
 CASES = ("tiny-window", "tiny-moe", "tiny-latent")
-TORCHRUNS = [("tensor", "tiny-window", "hf"), ("tensor", "tiny-mqa", "mistral")]
-TORCHRUNS += [(kind, c, "mistral") for kind in ("tensor", "pipeline") for c in CASES]
-
-
+# (config, layout) of each kind's launch: one torchrun per kind serves every folder in turn
+TORCHRUNS = {
+    "tensor": [("tiny-window", "hf"), ("tiny-mqa", "mistral")] + [(c, "mistral") for c in CASES],
+    "pipeline": [(c, "mistral") for c in CASES],
+}
 MLX_RUNS = [("tensor", c) for c in CASES] + [("pipeline", "tiny-window")]
 MLX_RUNS += [("pipeline", "tiny-latent")]
 
@@ -41,35 +42,40 @@ def case_args(config: str) -> mistral.ModelArgs:
     return tiny(config)
 
 
-@pytest.mark.parametrize("kind, config, layout", TORCHRUNS)
-def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind, config, layout):
+@pytest.mark.parametrize("kind", list(TORCHRUNS))
+def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind):
     """Tensor: a share of every layer (of every expert's hidden units; a key/value head that
     does not split held by the ranks whose queries share it); pipeline: a block of whole layers
     each, activations sent between the ranks. A sliding window, Mixtral's experts, latent
-    attention with DeepSeekMoE."""
-    args = case_args(config)
-    write_checkpoint(tmp_path / "m", layout, args, random_weights(args, seed=1))
+    attention with DeepSeekMoE; Mistral's and Hugging Face's layouts."""
+    folders = []
+    for i, (config, layout) in enumerate(TORCHRUNS[kind]):
+        args = case_args(config)
+        write_checkpoint(tmp_path / f"m{i}", layout, args, random_weights(args, seed=1))
+        folders.append(str(tmp_path / f"m{i}"))
     run = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "tests" / "tp_worker.py"), str(tmp_path / "m"), str(tmp_path), kind,
+        str(ROOT / "tests" / "tp_worker.py"), kind, str(tmp_path), *folders,
     ]  # fmt: skip
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     # The ranks' own results are checked, not the launcher's exit code: a rank may still abort in
     # gloo's teardown at exit ("terminate called without an active exception", about 1 launch in
     # 15 here), after its results are complete; the README says so.
-    one = mistral.load(tmp_path / "m", device="cpu", dtype="float32")
-    logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
-    held = []
-    for rank in (0, 1):
-        assert (tmp_path / f"rank{rank}.npz").exists(), failure(out.stderr)
-        got = np.load(tmp_path / f"rank{rank}.npz")
-        assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
-        assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
-        assert got["tokens"].tolist() == tokens, rank
-        held.append(int(got["held"]))
-    whole = sum(p.numel() for p in one.runner.model.parameters())
-    if kind == "pipeline":  # each weight on one rank only
-        assert sum(held) == whole and max(held) < 0.75 * whole, (held, whole)
+    for i, (config, _) in enumerate(TORCHRUNS[kind]):
+        one = mistral.load(folders[i], device="cpu", dtype="float32")
+        logits, tokens = one.logits(ROWS), one.generate(ROWS, 24)
+        held = []
+        for rank in (0, 1):
+            path = tmp_path / f"rank{rank}-{i}.npz"
+            assert path.exists(), (config, failure(out.stderr))
+            got = np.load(path)
+            assert np.abs(got["a"] - logits[0]).max() <= 1e-5, (config, rank)
+            assert np.abs(got["b"] - logits[1]).max() <= 1e-5, (config, rank)
+            assert got["tokens"].tolist() == tokens, (config, rank)
+            held.append(int(got["held"]))
+        whole = sum(p.numel() for p in one.runner.model.parameters())
+        if kind == "pipeline":  # each weight on one rank only
+            assert sum(held) == whole and max(held) < 0.75 * whole, (config, held, whole)
 
 
 def test_the_slices_of_the_ranks_make_the_weights_again(tmp_path):

@@ -1,5 +1,6 @@
-"""Run by torchrun in tests/test_parallel.py: one rank's logits and greedy tokens of a folder
-split over the ranks (tensor or pipeline), written to OUT/rank<N>.npz."""
+"""Run by torchrun in tests/test_parallel.py: one rank's logits and greedy tokens of each folder
+given, split over the ranks (tensor or pipeline), written to OUT/rank<N>-<I>.npz, with what the
+rank holds."""
 
 import sys
 from pathlib import Path
@@ -9,16 +10,17 @@ import torch.distributed as dist
 
 import mistral
 
-folder, out, rows = sys.argv[1], Path(sys.argv[2]), [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]
-kind = sys.argv[3] if len(sys.argv) > 3 else "tensor"
-model = mistral.load(folder, backend="torch", device="cpu", dtype="float32", parallel=kind)
-logits = model.logits(rows)
-tokens = model.generate(rows, 24)
-held = sum(p.numel() for p in model.runner.model.parameters())  # what this rank holds
-np.savez(
-    out / f"rank{dist.get_rank()}.npz",
-    a=logits[0],
-    b=logits[1],
-    tokens=np.array(tokens),
-    held=held,
-)
+kind, out, folders = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+rows = [[1, 5, 9, 200, 17] * 9, [3, 4, 5]]
+for i, folder in enumerate(folders):  # one process group serves every model in turn
+    model = mistral.load(folder, backend="torch", device="cpu", dtype="float32", parallel=kind)
+    logits = model.logits(rows)
+    tokens = model.generate(rows, 24)
+    held = sum(p.numel() for p in model.runner.model.parameters())  # what this rank holds
+    np.savez(
+        out / f"rank{dist.get_rank()}-{i}.npz",
+        a=logits[0],
+        b=logits[1],
+        tokens=np.array(tokens),
+        held=held,
+    )
