@@ -237,10 +237,8 @@ def write_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     out_dtype = dtype or next(iter(tensors.values())).dtype
-    if quantize is not None and (fmt != "mlx" or args.moe or args.mla):
-        raise MistralError(
-            "--quantize writes mlx-lm's layout (--to mlx) of a dense model without latent attention"
-        )
+    if quantize is not None and (fmt != "mlx" or args.mla):
+        raise MistralError("--quantize writes mlx-lm's layout (--to mlx), not latent attention yet")
     if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
         config = hf_config.config_from_args(args, out_dtype)
         named = list(hf.tensors_to_hf(args, tensors).items())
@@ -251,6 +249,8 @@ def write_checkpoint(
                 "mode": quantize.mode,
             }
             config |= {"quantization": block, "quantization_config": block}
+            if args.moe:  # mlx-lm quantizes a Mixtral's experts stacked (switch_mlp)
+                named = hf.stack_experts(args, named)
             named = quant.quantized_items(named, quantize, dtype)
             dtype = None
         (path / "config.json").write_text(json.dumps(config, indent=2))

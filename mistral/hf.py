@@ -227,6 +227,26 @@ def unstack_experts(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
     return out
 
 
+def stack_experts(args: ModelArgs, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A Mixtral's experts stacked per layer as mlx-lm's switch_mlp, (E, out, in), in the place
+    of its first expert (the order mlx-lm writes them in)."""
+    assert args.moe is not None
+    names = {v: k for k, v in _SWITCH_NAMES.items()}  # w1 -> gate_proj
+    tensors, out = dict(items), []
+    n = args.moe.num_experts
+    for name, t in items:
+        match = re.match(
+            r"(model\.layers\.\d+\.block_sparse_moe\.)experts\.(\d+)\.(w[123])\.weight$", name
+        )
+        if match is None:
+            out.append((name, t))
+        elif match.group(2) == "0":
+            p, w = match.group(1), match.group(3)
+            parts = tuple((tensors[f"{p}experts.{e}.{w}.weight"],) for e in range(n))
+            out.append((f"{p}switch_mlp.{names[w]}.weight", StackedTensor(t.dtype, parts)))
+    return out
+
+
 def unstack_layers(layers: dict[str, Any], n_experts: int) -> dict[str, Any]:
     """mlx-lm's per-layer quantization keyed by module path, a switch_mlp's for each expert."""
     out = dict(layers)

@@ -291,24 +291,30 @@ def quantized_items(
         def make() -> np.ndarray:
             if name not in made:
                 w = cast(t, dtype).to_numpy()
+                rows = w.reshape(-1, w.shape[-1])  # stacked experts: their rows one after another
                 mx4 = q.mode == "mxfp4"
-                made[name] = quantize_mxfp4(w) if mx4 else quantize(w, dtype or t.dtype, q)
+                made[name] = quantize_mxfp4(rows) if mx4 else quantize(rows, dtype or t.dtype, q)
             value = made[name][i]
             if i == parts - 1:
                 del made[name]  # the last part is written last
-            return value if isinstance(value, np.ndarray) else value.data
+            value = value if isinstance(value, np.ndarray) else value.data
+            return value.reshape(*t.shape[:-1], -1)
 
         return make
 
     for name, t in items:
         kind = dtype or t.dtype
-        if len(t.shape) != 2 or t.shape[1] % q.group_size or not name.endswith(".weight"):
+        stacked = len(t.shape) == 3 and ".switch_mlp." in name  # a Mixtral layer's experts
+        if (len(t.shape) != 2 and not stacked) or t.shape[-1] % q.group_size:
             out.append((name, Deferred(kind, t.shape, lambda t=t: cast(t, dtype).data)))
             continue
-        rows, n = t.shape
+        if not name.endswith(".weight"):
+            out.append((name, Deferred(kind, t.shape, lambda t=t: cast(t, dtype).data)))
+            continue
+        *lead, n = t.shape  # (out, in), or (experts, out, in): groups run along each row alike
         module = name.removesuffix(".weight")
-        groups = (rows, n // q.group_size)
-        out.append((name, Deferred("uint32", (rows, n * q.bits // 32), part(name, t, 0))))
+        groups = (*lead, n // q.group_size)
+        out.append((name, Deferred("uint32", (*lead, n * q.bits // 32), part(name, t, 0))))
         scales = "uint8" if q.mode == "mxfp4" else kind
         out.append((module + ".scales", Deferred(scales, groups, part(name, t, 1))))
         if parts == 3:

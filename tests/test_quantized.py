@@ -399,3 +399,35 @@ def test_both_backends_match_mlx_lm_on_its_quantized_mixtral(tmp_path, bits, gro
         model = mistral.load(folder, backend=backend, device="cpu", dtype="float32")
         assert max_diff(model.logits(rows), expected) <= 1e-4, backend
         assert max_diff(model.logits(rows, chunk_size=7), expected) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+def test_convert_quantize_of_a_mixtral_writes_what_mlx_lm_writes(tmp_path, bits, group):
+    """A Mixtral's experts quantized stacked, as mlx-lm's switch_mlp (codes, scales and biases
+    of shape (E, ...)), its gate too: tensor for tensor what mlx-lm's convert writes."""
+    import subprocess
+    import sys
+
+    from mlx_lm.convert import convert
+
+    from mistral.safetensors_file import read_tensors
+
+    moe = dataclasses.replace(tiny("tiny-moe"), vocab_size=2048)
+    src = hf_folder(tmp_path / "hf", moe)
+    run = [sys.executable, "-m", "mistral", "convert", str(src), str(tmp_path / "ours"), "--to",
+           "mlx", "--quantize", str(bits), "--group-size", str(group)]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_bits=bits, q_group_size=group)
+    ours = read_tensors(tmp_path / "ours" / "model.safetensors")
+    theirs = {}
+    for f in (tmp_path / "theirs").glob("model*.safetensors"):
+        theirs.update(read_tensors(f))
+    assert set(ours) == set(theirs)
+    assert "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.scales" in ours
+    for name, t in ours.items():
+        assert t.dtype == theirs[name].dtype and np.array_equal(t.data, theirs[name].data), name
+    rows = random_rows([16, 9], moe.vocab_size, 1)
+    torch_logits = mistral.load(tmp_path / "ours", device="cpu", dtype="float32").logits(rows)
+    mlx_logits = mistral.load(tmp_path / "ours", "mlx", "cpu", "float32").logits(rows)
+    assert max_diff(torch_logits, mlx_logits) <= 1e-4
