@@ -204,12 +204,7 @@ def rope_parameters(args: ModelArgs) -> dict[str, Any]:
     y, s = args.yarn, args.llama_4_scaling
     rope: dict[str, Any] = {"rope_type": "yarn" if y else "default", "rope_theta": args.rope_theta}
     if y:
-        rope |= {
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta,
-            "beta_slow": y.alpha,
-        }
+        rope |= hf_latent.yarn_keys(y)
         if not y.apply_scale:  # equal mscales: an attention factor of 1
             rope |= {"mscale": 1.0, "mscale_all_dim": 1.0}
     if s:

@@ -146,19 +146,23 @@ def model_type(args: ModelArgs) -> str:
     return kind
 
 
+def yarn_keys(y: YarnArgs) -> dict[str, Any]:
+    """YaRN's frequencies as every transformers family names them (ministral3's too)."""
+    return {
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta,
+        "beta_slow": y.alpha,
+    }
+
+
 def rope_parameters(args: ModelArgs, kind: str) -> dict[str, Any]:
     """rope_parameters as transformers' latent types read them: the attention factor written
     out (Mistral's apply_scale), mscale_all_dim for the softmax, mistral4's query scaling."""
     y, s = args.yarn, args.llama_4_scaling
     rope: dict[str, Any] = {"rope_type": "yarn" if y else "default", "rope_theta": args.rope_theta}
     if y:
-        rope |= {
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta,
-            "beta_slow": y.alpha,
-            "attention_factor": yarn_mscale(y.factor) if y.apply_scale else 1.0,
-        }
+        rope |= yarn_keys(y) | {"attention_factor": yarn_mscale(y.factor) if y.apply_scale else 1.0}
         if y.mscale_all_dim is not None:
             rope |= {"mscale": y.mscale_all_dim, "mscale_all_dim": y.mscale_all_dim}
     if kind == "mistral4":  # its attention always scales the queries: beta 0 keeps them
