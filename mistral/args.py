@@ -39,6 +39,16 @@ class MoeArgs(Serializable):
     group_scoring: str = "top2"  # a group's score: its best two experts' sum, or "max"
 
 
+def mixtral_like(m: MoeArgs) -> bool:
+    """Whether the experts route as Mixtral's do: no shared experts, groups or dense layers,
+    softmax scores renormalized, unscaled, every expert of hidden_dim."""
+    return (
+        (m.num_shared_experts, m.expert_hidden_dim, m.first_k_dense_replace) == (0, None, 0)
+        and (m.routed_scale == 1 and m.num_expert_groups == 1 and m.scoring_func == "softmax")
+        and m.norm_topk_prob
+    )
+
+
 @dataclass
 class YarnArgs(Serializable):
     """YaRN RoPE (params.json ``yarn``): frequencies interpolated by ``factor`` below the ramp
@@ -146,6 +156,8 @@ class ModelArgs(Serializable):
         for name, cls in (("moe", MoeArgs), ("yarn", YarnArgs)):  # defaults left out
             if d.get(name) is not None:
                 d[name] = non_default(cls, d[name])
+        if self.mla and self.yarn is not None:  # latent_defaults reads an absent one otherwise
+            d["yarn"]["apply_scale"] = self.yarn.apply_scale
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -237,8 +249,9 @@ def latent_defaults(params: dict[str, Any]) -> dict[str, Any]:
     without mscale_all_dim scales the softmax by mscale(factor, 1)^2 instead of q and k."""
     if params.get("kv_lora_rank") is None:
         return params
-    if "head_dim" not in params and "qk_nope_head_dim" in params and "qk_rope_head_dim" in params:
-        params["head_dim"] = params["qk_nope_head_dim"] + params["qk_rope_head_dim"]
+    nope, rope = params.get("qk_nope_head_dim"), params.get("qk_rope_head_dim")
+    if "head_dim" not in params and positive_int(nope) and positive_int(rope):
+        params["head_dim"] = nope + rope
     yarn = params.get("yarn")
     if isinstance(yarn, dict) and "mscale_all_dim" not in yarn and "apply_scale" not in yarn:
         params["yarn"] = {**yarn, "mscale_all_dim": 1.0, "apply_scale": False}
@@ -266,7 +279,7 @@ def validate(a: ModelArgs) -> None:
             raise MistralError(f"{name} must be a positive number (and finite), got {v!r}")
     if a.n_heads % a.n_kv_heads:
         raise MistralError(f"n_heads ({a.n_heads}) is not divisible by n_kv_heads ({a.n_kv_heads})")
-    if a.head_dim % 2:
+    if a.head_dim % 2 and a.kv_lora_rank is None:  # latent attention: its RoPE part's
         raise MistralError(f"head_dim must be even for RoPE, got {a.head_dim}")
     w = a.sliding_window
     windows = w if isinstance(w, list) else [w]
@@ -361,6 +374,12 @@ def validate_latent(a: ModelArgs) -> None:
             raise MistralError(f"{k} must be a positive integer, got {v!r}")
     if a.qk_rope_head_dim % 2:  # type: ignore[operator]
         raise MistralError(f"qk_rope_head_dim must be even for RoPE, got {a.qk_rope_head_dim}")
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim  # type: ignore[operator]
+    if a.head_dim != qk:
+        raise MistralError(
+            f"head_dim ({a.head_dim}) of latent attention must be qk_nope_head_dim + "
+            f"qk_rope_head_dim ({qk})"
+        )
     all_dim = a.yarn.mscale_all_dim if a.yarn is not None else None
     if all_dim is not None and (isinstance(all_dim, bool) or not positive_number(all_dim)):
         raise MistralError(f"yarn.mscale_all_dim must be a positive finite number, got {all_dim!r}")

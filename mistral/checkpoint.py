@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,10 +154,31 @@ def read_mistral(path: Path) -> tuple[ModelArgs, Tensors]:
     return args, spec_names(tensors)
 
 
+def without_prediction_layers(config: dict, raw: Tensors, path: Path) -> Tensors:
+    """DeepSeek-V3's folders hold num_nextn_predict_layers multi-token prediction layers past
+    the model's (model.layers.61 of 61), for training and speculation: left unread, as
+    transformers leaves them, and said in one line."""
+    extra = (
+        config.get("num_nextn_predict_layers") if config.get("model_type") == "deepseek_v3" else 0
+    )
+    n = config.get("num_hidden_layers")
+    if not extra or not isinstance(n, int):
+        return raw
+    past = re.compile(r"model\.layers\.(\d+)\.")
+    kept = {k: t for k, t in raw.items() if not ((m := past.match(k)) and int(m.group(1)) >= n)}
+    if len(kept) < len(raw):
+        warnings.warn(
+            f"{path}: its multi-token prediction layers (model.layers.{n}+) are left unread, "
+            "as transformers leaves them",
+            stacklevel=4,
+        )
+    return kept
+
+
 def read_hf(path: Path) -> tuple[ModelArgs, Tensors]:
     config = read_json(path / "config.json")
     args = hf_config.args_from_config(config, str(path / "config.json"))
-    raw = read_safetensors_set(path, "model")
+    raw = without_prediction_layers(config, read_safetensors_set(path, "model"), path)
     quantization = config.get("quantization")  # mlx-lm's (it writes quantization_config too)
     fp8 = fp8_block(config.get("quantization_config"), str(path / "config.json"))
     multimodal = hf_config.is_multimodal(config)
@@ -214,6 +236,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             "config.json + model.safetensors, or weights.npz)"
         )
     args, tensors = layout.read(path)
+    for name, t in tensors.items():  # codes the folder does not say how to read
+        if isinstance(t, RawTensor) and t.dtype not in DTYPES:
+            raise MistralError(
+                f"{path}: {name} is {t.dtype} codes, but the config declares no quantization "
+                "that reads them"
+            )
     return Checkpoint(path, layout.name, args, tensors)
 
 

@@ -9,7 +9,14 @@ import warnings
 from typing import Any
 
 from mistral import hf_latent
-from mistral.args import DEFAULT_ROPE_THETA, Llama4ScalingArgs, ModelArgs, MoeArgs, YarnArgs
+from mistral.args import (
+    DEFAULT_ROPE_THETA,
+    Llama4ScalingArgs,
+    ModelArgs,
+    MoeArgs,
+    YarnArgs,
+    mixtral_like,
+)
 from mistral.errors import MistralError
 from mistral.rope import yarn_mscale
 
@@ -30,6 +37,8 @@ def args_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
     (its text decoder) to ModelArgs, refusing what the spec lacks."""
     try:
         return _args_from_config(text_config(config, source), source)
+    except KeyError as e:
+        raise MistralError(f"{source}: missing key {e.args[0]}") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:
         raise MistralError(f"{source}: malformed config ({type(e).__name__}: {e})") from None
 
@@ -182,6 +191,11 @@ def model_type(args: ModelArgs) -> str:
             "transformers has one sliding window per model, these layers have several"
         )
     newer = args.yarn or args.llama_4_scaling or args.tied_embeddings
+    if args.moe and not mixtral_like(args.moe):
+        raise MistralError(
+            "transformers' mixtral routes as Mixtral does: no shared experts, groups, dense "
+            "layers, expert_hidden_dim, routed_scale, sigmoid or unnormalized scores"
+        )
     if args.moe:
         if mixed or newer:
             raise MistralError("transformers' mixtral has no per-layer windows, YaRN or tying")

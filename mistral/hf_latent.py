@@ -15,6 +15,15 @@ CLASSES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "mistral4": "Mistral4ForCausalLM",
 }
+# transformers 5.24's defaults of each config class, for the routing keys a config.json may omit
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"n_shared_experts": 2, "first_k_dense_replace": 0, "norm_topk_prob": False},
+    "deepseek_v3": {"n_shared_experts": 1, "first_k_dense_replace": 3, "norm_topk_prob": True},
+    "mistral4": {"n_shared_experts": 1, "first_k_dense_replace": 0, "norm_topk_prob": True},
+}
+DEFAULTS["deepseek_v2"] |= {"routed_scaling_factor": 1.0, "topk_method": "greedy"}
+DEFAULTS["deepseek_v3"] |= {"routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4}
+DEFAULTS["mistral4"] |= {"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}
 
 
 def routing(config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -74,15 +83,19 @@ def args_from_config(
     yarn: YarnArgs | None,
     scaling: Llama4ScalingArgs | None,
 ) -> ModelArgs:
-    """ModelArgs of a deepseek_v2, deepseek_v3 or mistral4 config.json."""
+    """ModelArgs of a deepseek_v2, deepseek_v3 or mistral4 config.json (routing keys it leaves
+    out: its transformers class's defaults)."""
+    config = DEFAULTS[config["model_type"]] | config
     refuse_unsupported(config, source)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
     try:
         nope, rope_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
-        partial = rope.get("partial_rotary_factor", 1)
-        head_dim = config.get("head_dim") or rope_dim
-        if partial != 1 and round(head_dim * partial) != rope_dim:
+        # the head transformers rotates a partial_rotary_factor of: its configs fix it at the
+        # whole query/key head (mistral4) or the RoPE part (deepseek), whatever head_dim says
+        head_dim = nope + rope_dim if config["model_type"] == "mistral4" else rope_dim
+        partial = rope.get("partial_rotary_factor", rope_dim / head_dim)
+        if int(head_dim * partial) != rope_dim:
             raise MistralError(
                 f"partial_rotary_factor {partial} of head_dim {head_dim} is not the RoPE "
                 f"part qk_rope_head_dim ({rope_dim})"
@@ -133,6 +146,10 @@ def model_type(args: ModelArgs) -> str:
             "transformers has latent attention only with experts (deepseek, mistral4)"
         )
     grouped = m.num_expert_groups > 1
+    if len({w for w in args.layer_windows()}) > 1 or args.layer_windows()[0] is not None:
+        raise MistralError("transformers' latent attention has no sliding window")
+    if m.scoring_func == "sigmoid" and grouped and m.group_scoring != "top2":
+        raise MistralError("transformers' deepseek_v3 scores groups by their best two experts")
     if m.scoring_func == "sigmoid":
         kind = "deepseek_v3"
     elif not m.norm_topk_prob and (m.group_scoring == "max" or not grouped):
@@ -143,6 +160,12 @@ def model_type(args: ModelArgs) -> str:
         raise MistralError("no transformers router scores groups this way with these weights")
     if kind != "mistral4" and args.llama_4_scaling is not None:
         raise MistralError(f"transformers' {kind} has no query scaling by position")
+    y, s = args.yarn, args.llama_4_scaling
+    if y and s and y.original_max_position_embeddings != s.original_max_position_embeddings:
+        raise MistralError(
+            "transformers' mistral4 has one original_max_position_embeddings for YaRN and the "
+            "query scaling; these args have two"
+        )
     return kind
 
 

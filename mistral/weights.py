@@ -15,6 +15,9 @@ from mistral.measure import cpu_cores
 # The dtypes a checkpoint may hold. numpy has no bfloat16: its bits travel as uint16. uint32 holds
 # quantized codes (mistral/quant.py), never a weight by itself.
 DTYPES = ("float32", "float16", "bfloat16")
+# Kept in float32 whatever the run's dtype, as transformers keeps them: DeepSeek-V3's router bias,
+# which picks the experts by differences smaller than bfloat16 resolves.
+FLOAT32_KEYS = ("e_score_correction_bias",)
 PACKED = "uint32"
 EXPONENTS = "uint8"  # mxfp4's per-group scales, powers of two
 FP8 = "float8_e4m3"  # codes of FP8 checkpoints (mistral/fp8.py), their bytes

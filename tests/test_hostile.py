@@ -560,15 +560,22 @@ def test_a_softmax_factor_without_latent_attention_is_refused():
         mistral.ModelArgs.from_params({**tiny("tiny-dense").to_params(), "yarn": yarn})
 
 
+V2 = {"model_type": "deepseek_v2", "rope_parameters": {"rope_type": "default"}}  # no partial RoPE
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"rope_interleave": False}, "rope_interleave false"),
         ({"attention_bias": True}, "attention_bias is not supported"),
-        ({"model_type": "deepseek_v2", "norm_topk_prob": True}, "norm_topk_prob with deepseek_v2"),
-        ({"model_type": "deepseek_v2", "topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+        ({**V2, "norm_topk_prob": True}, "norm_topk_prob with deepseek_v2"),
+        ({**V2, "topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
         ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
-        ({"head_dim": 20}, "partial_rotary_factor 0.333"),
+        (
+            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+            "not the RoPE",
+        ),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "missing key"),
     ],
 )
 def test_latent_configs_that_make_no_sense(tmp_path, change, message):
@@ -621,3 +628,63 @@ def test_quantized_latent_attention_is_refused_where_it_cannot_run(tmp_path):
     mistral.from_tensors(args, tensors, "torch", "cpu", "float32").logits([[1, 2, 3]])
     with pytest.raises(MistralError, match="not latent attention"):
         write_checkpoint(tmp_path / "q", "mlx", args, random_weights(args), quantize=q)
+
+
+def test_float8_codes_without_a_quantization_block_are_refused(tmp_path):
+    """e4m3 bytes read as numbers would be garbage: a folder that holds them without saying
+    how they are scaled is refused in one line."""
+    from mistral.safetensors_file import write_tensors
+    from mistral.weights import RawTensor
+
+    args = tiny("tiny-dense")
+    tensors = random_weights(args)
+    tensors["layers.0.attention.wq.weight"] = RawTensor(
+        "float8_e4m3", np.zeros(tensors["layers.0.attention.wq.weight"].shape, np.uint8)
+    )
+    write_checkpoint(tmp_path, "mistral", args, random_weights(args))
+    (tmp_path / "consolidated.safetensors").unlink()
+    write_tensors(tmp_path / "consolidated.safetensors", list(tensors.items()))
+    with pytest.raises(MistralError, match="float8_e4m3 codes, but the config declares") as e:
+        read_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_transformers_types_that_would_route_otherwise_are_refused():
+    """A DeepSeekMoE without latent attention has no transformers type (mixtral would route
+    otherwise); nor do sigmoid scores grouped by their best expert, a latent model with a
+    window, or mistral4 with two original contexts."""
+    import dataclasses
+
+    from mistral import hf_config
+
+    dense = tiny("tiny-moe")
+    shared = dataclasses.replace(dense, moe=dataclasses.replace(dense.moe, num_shared_experts=1))
+    with pytest.raises(MistralError, match="mixtral routes as Mixtral does"):
+        hf_config.config_from_args(shared, "float32")
+    latent = latent_args()
+    grouped = dataclasses.replace(
+        latent.moe, scoring_func="sigmoid", num_expert_groups=2, group_scoring="max"
+    )
+    with pytest.raises(MistralError, match="best two experts"):
+        hf_config.config_from_args(dataclasses.replace(latent, moe=grouped), "float32")
+    with pytest.raises(MistralError, match="no sliding window"):
+        hf_config.config_from_args(dataclasses.replace(latent, sliding_window=8), "float32")
+    yarn = mistral.args.YarnArgs(4.0, 8)
+    scaling = mistral.args.Llama4ScalingArgs(16, 0.1)
+    two = dataclasses.replace(latent, yarn=yarn, llama_4_scaling=scaling)
+    with pytest.raises(MistralError, match="one original_max_position_embeddings"):
+        hf_config.config_from_args(two, "float32")
+
+
+def test_a_latent_params_json_keeps_its_yarn_through_a_round_trip():
+    """apply_scale is written for latent attention: read back, an absent one would mean
+    transformers' conversion of Small 4 (mscale_all_dim 1, q/k unscaled)."""
+    import dataclasses
+
+    from mistral.rope import Rope, softmax_scale
+
+    latent = dataclasses.replace(latent_args(), yarn=mistral.args.YarnArgs(4.0, 8))
+    back = mistral.ModelArgs.from_params(latent.to_params())
+    assert back == latent
+    assert Rope.of(back).mscale == Rope.of(latent).mscale > 1
+    assert softmax_scale(back, 12) == softmax_scale(latent, 12)

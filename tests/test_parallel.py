@@ -13,6 +13,7 @@ import pytest
 import mistral
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.parallel import Shard, local_args, shard_tensors, stage_layers
+from mistral.quant import Quantization
 from mistral.weights import random_weights
 from tests.helpers import ROOT, tiny
 
@@ -29,17 +30,30 @@ CASES = ("tiny-window", "tiny-moe", "tiny-latent")
 # (config, layout) of each kind's launch: one torchrun per kind serves every folder in turn
 TORCHRUNS = {
     "tensor": [("tiny-window", "hf"), ("tiny-mqa", "mistral")] + [(c, "mistral") for c in CASES],
-    "pipeline": [(c, "mistral") for c in CASES],
+    "pipeline": [(c, "mistral") for c in (*CASES, "tiny-tied")],
 }
-MLX_RUNS = [("tensor", c) for c in CASES] + [("pipeline", "tiny-window")]
-MLX_RUNS += [("pipeline", "tiny-latent")]
+# (kind, config, layout): tied embeddings on the last pipeline rank too, 4-bit codes in MLX
+MLX_RUNS = [("tensor", c, "mistral") for c in CASES]
+MLX_RUNS += [("pipeline", c, "mistral") for c in (*CASES, "tiny-tied")]
+MLX_RUNS += [("pipeline", "tiny-tied", "mlx-q4")]
 
 
 def case_args(config: str) -> mistral.ModelArgs:
-    """A tiny config; tiny-mqa: tiny-window with one key/value head, which every rank holds."""
+    """A tiny config; tiny-mqa: tiny-window with one key/value head, which every rank holds;
+    tiny-tied: tiny-window whose output projection is its embedding table."""
     if config == "tiny-mqa":
         return dataclasses.replace(tiny("tiny-window"), n_kv_heads=1)
+    if config == "tiny-tied":
+        return dataclasses.replace(tiny("tiny-window"), tied_embeddings=True)
     return tiny(config)
+
+
+def write_case(path, config: str, layout: str) -> None:
+    """A folder of the case in the layout; mlx-q4: mlx-lm's, 4-bit codes in groups of 32."""
+    args = case_args(config)
+    quantize = Quantization(4, 32) if layout == "mlx-q4" else None
+    fmt = "mlx" if quantize else layout
+    write_checkpoint(path, fmt, args, random_weights(args, seed=1), quantize=quantize)
 
 
 @pytest.mark.parametrize("kind", list(TORCHRUNS))
@@ -50,8 +64,7 @@ def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind):
     attention with DeepSeekMoE; Mistral's and Hugging Face's layouts."""
     folders = []
     for i, (config, layout) in enumerate(TORCHRUNS[kind]):
-        args = case_args(config)
-        write_checkpoint(tmp_path / f"m{i}", layout, args, random_weights(args, seed=1))
+        write_case(tmp_path / f"m{i}", config, layout)
         folders.append(str(tmp_path / f"m{i}"))
     run = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -147,17 +160,13 @@ def test_chat_refuses_parallel_ranks_in_one_line():
     assert_one_line_error(run("chat", "--parallel", "tensor", stdin="hi\n"), "use generate")
 
 
-@pytest.mark.parametrize(
-    "kind, config",
-    MLX_RUNS,
-)
-def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind, config):
+@pytest.mark.parametrize("kind, config, layout", MLX_RUNS)
+def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind, config, layout):
     """mlx.launch's ring backend, 2 local processes. It exits 0 even when a rank fails, so the
     ranks' own results are what is checked."""
     from pathlib import Path
 
-    args = tiny(config)
-    write_checkpoint(tmp_path / "m", "mistral", args, random_weights(args, seed=1))
+    write_case(tmp_path / "m", config, layout)
     launch = Path(sys.executable).parent / "mlx.launch"
     worker = str(ROOT / "tests" / "mlx_tp_worker.py")
     run = [str(launch), "--backend", "ring", "-n", "2", "--python", sys.executable,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from backends.mlx.model import Router
+from backends.mlx.model import Linear, Router
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
 from mistral.quant import Quantization, QuantizedTensor
@@ -71,6 +71,11 @@ def quantize_modules(
     quantized = {k.removesuffix(".weight"): t for k, t in tensors.items() if is_q(t)}
     if tied and "tok_embeddings" in quantized:
         quantized["output"] = quantized["tok_embeddings"]
+    # a pipeline rank's stand-ins (received activations, broadcast logits) stay as they are
+    if not isinstance(model.tok_embeddings, nn.Embedding):
+        quantized.pop("tok_embeddings", None)
+    if not isinstance(model.output, Linear):
+        quantized.pop("output", None)
     if any(path.endswith("attention.wkv_b") for path in quantized):  # absorbed decode reads it
         raise MistralError("a quantized wkv_b (latent attention) is not supported on MLX yet")
     for path, t in quantized.items():

@@ -21,7 +21,7 @@ from mistral.errors import MistralError
 from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
 from mistral.rope import Rope
 from mistral.taps import as_row
-from mistral.weights import RawTensor, linear_bytes
+from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -171,7 +171,7 @@ def build(
     quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
-        state |= arrays(k, t, dt, from_raw)
+        state |= arrays(k, t, mx.float32 if k.endswith(FLOAT32_KEYS) else dt, from_raw)
     if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
         state |= {k.replace("tok_embeddings", "output"): v for k, v in state.items() if "tok_" in k}
     if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's

@@ -61,7 +61,9 @@ def leave() -> None:
     dist.destroy_process_group()
 
 
-PEER_SIGNS = ("Connection closed", "Connection reset", "imed out", "Broken pipe", "NCCL")
+# gloo's and NCCL's words for a peer that ended or went silent
+PEER_SIGNS = ("Connection closed", "Connection reset", "imed out", "Broken pipe")
+PEER_SIGNS += ("ncclRemoteError", "remote process exited", "communicator was aborted")
 
 
 def peer_lost(error: RuntimeError) -> MistralError | None:

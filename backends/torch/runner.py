@@ -29,7 +29,7 @@ from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
-from mistral.weights import RawTensor, linear_bytes
+from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -196,7 +196,8 @@ def build(
         stage(model, args, pipeline, dt)
     state = {}
     for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
-        state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, dt)
+        kept = torch.float32 if k.endswith(FLOAT32_KEYS) else dt
+        state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, kept)
     if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
         state["output.weight"] = state["tok_embeddings.weight"]
     if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's
