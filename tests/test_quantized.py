@@ -401,7 +401,7 @@ def test_both_backends_match_mlx_lm_on_its_quantized_mixtral(tmp_path, bits, gro
         assert max_diff(model.logits(rows, chunk_size=7), expected) <= 1e-4, backend
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+@pytest.mark.parametrize("bits, group", [(8, 64)])  # w2's 96 inputs: left in full precision
 def test_convert_quantize_of_a_mixtral_writes_what_mlx_lm_writes(tmp_path, bits, group):
     """A Mixtral's experts quantized stacked, as mlx-lm's switch_mlp (codes, scales and biases
     of shape (E, ...)), its gate too: tensor for tensor what mlx-lm's convert writes."""
