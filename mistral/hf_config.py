@@ -147,30 +147,30 @@ def _args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     if not isinstance(rope, dict):
         raise TypeError(f"rope_parameters must be an object, got {rope!r}")  # malformed
     yarn, scaling = rope_args(rope, source, latent=kind in hf_latent.TYPES)
-    if kind in hf_latent.TYPES:
-        return hf_latent.args_from_config(config, source, yarn, scaling)
     theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
     try:
         n_heads = config["num_attention_heads"]
+        common: dict[str, Any] = {  # what every type names alike
+            "dim": config["hidden_size"],
+            "n_layers": config["num_hidden_layers"],
+            "hidden_dim": config["intermediate_size"],
+            "n_heads": n_heads,
+            "n_kv_heads": config.get("num_key_value_heads") or n_heads,
+            "norm_eps": config["rms_norm_eps"],
+            "vocab_size": config["vocab_size"],
+            "rope_theta": float(theta),
+            "yarn": yarn,
+            "llama_4_scaling": scaling,
+            "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
+        }
+        if kind in hf_latent.TYPES:
+            return hf_latent.args_from_config(config, common)
         head_dim = config.get("head_dim") or config["hidden_size"] // n_heads  # HF's own rule
         moe = None
         if kind == "mixtral":
             moe = MoeArgs(config["num_local_experts"], config["num_experts_per_tok"])
         return ModelArgs(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            head_dim=head_dim,
-            hidden_dim=config["intermediate_size"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            norm_eps=config["rms_norm_eps"],
-            vocab_size=config["vocab_size"],
-            rope_theta=float(theta),
-            sliding_window=windows_of(config, source),
-            moe=moe,
-            yarn=yarn,
-            llama_4_scaling=scaling,
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            **common, head_dim=head_dim, sliding_window=windows_of(config, source), moe=moe
         )
     except KeyError as e:
         raise MistralError(f"{source}: missing key {e.args[0]}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mistral.args import DEFAULT_ROPE_THETA, Llama4ScalingArgs, ModelArgs, MoeArgs, YarnArgs
+from mistral.args import ModelArgs, MoeArgs, YarnArgs
 from mistral.errors import MistralError
 from mistral.rope import yarn_mscale
 
@@ -26,7 +26,7 @@ DEFAULTS["deepseek_v3"] |= {"routed_scaling_factor": 2.5, "n_group": 8, "topk_gr
 DEFAULTS["mistral4"] |= {"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}
 
 
-def routing(config: dict[str, Any], source: str) -> dict[str, Any]:
+def routing(config: dict[str, Any]) -> dict[str, Any]:
     """The router of each type, as transformers 5 computes it: DeepSeek-V2 softmax scores,
     unnormalized (it ignores norm_topk_prob), groups by their best expert only under
     group_limited_greedy; V3 sigmoid scores plus a bias, groups by their best two; mistral4
@@ -36,12 +36,10 @@ def routing(config: dict[str, Any], source: str) -> dict[str, Any]:
     if kind == "deepseek_v2":
         method = config.get("topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
-            raise MistralError(
-                f"{source}: topk_method {method!r} is not greedy or group_limited_greedy"
-            )
+            raise MistralError(f"topk_method {method!r} is not greedy or group_limited_greedy")
         if config.get("norm_topk_prob"):
             raise MistralError(
-                f"{source}: norm_topk_prob with deepseek_v2, which transformers and mlx-lm ignore "
+                "norm_topk_prob with deepseek_v2, which transformers and mlx-lm ignore "
                 "and DeepSeek's own code applies: ambiguous, refused"
             )
         if method == "greedy":
@@ -62,78 +60,57 @@ def routing(config: dict[str, Any], source: str) -> dict[str, Any]:
     )
 
 
-def refuse_unsupported(config: dict[str, Any], source: str) -> None:
+def refuse_unsupported(config: dict[str, Any]) -> None:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
-            raise MistralError(f"{source}: {key} is not supported (the spec has no biases)")
+            raise MistralError(f"{key} is not supported (the spec has no biases)")
     if config.get("moe_layer_freq", 1) != 1:
-        raise MistralError(
-            f"{source}: moe_layer_freq {config['moe_layer_freq']} is not supported (1)"
-        )
+        raise MistralError(f"moe_layer_freq {config['moe_layer_freq']} is not supported (1)")
     if config["model_type"] != "deepseek_v2" and config.get("rope_interleave", True) is not True:
         raise MistralError(
-            f"{source}: rope_interleave false (RoPE over halves) is not supported: the spec "
+            "rope_interleave false (RoPE over halves) is not supported: the spec "
             "rotates adjacent pairs"
         )
 
 
-def args_from_config(
-    config: dict[str, Any],
-    source: str,
-    yarn: YarnArgs | None,
-    scaling: Llama4ScalingArgs | None,
-) -> ModelArgs:
-    """ModelArgs of a deepseek_v2, deepseek_v3 or mistral4 config.json (routing keys it leaves
-    out: its transformers class's defaults)."""
+def args_from_config(config: dict[str, Any], common: dict[str, Any]) -> ModelArgs:
+    """ModelArgs of a deepseek_v2, deepseek_v3 or mistral4 config.json, given the keys every
+    type names alike (``common``; routing keys it leaves out: its transformers class's
+    defaults). Missing keys raise KeyError, the caller names them."""
     config = DEFAULTS[config["model_type"]] | config
-    refuse_unsupported(config, source)
+    refuse_unsupported(config)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
-    try:
-        nope, rope_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
-        # the head transformers rotates a partial_rotary_factor of: its configs fix it at the
-        # whole query/key head (mistral4) or the RoPE part (deepseek), whatever head_dim says
-        head_dim = nope + rope_dim if config["model_type"] == "mistral4" else rope_dim
-        partial = rope.get("partial_rotary_factor", rope_dim / head_dim)
-        if int(head_dim * partial) != rope_dim:
-            raise MistralError(
-                f"partial_rotary_factor {partial} of head_dim {head_dim} is not the RoPE "
-                f"part qk_rope_head_dim ({rope_dim})"
-            )
-        n_heads = config["num_attention_heads"]
-        moe = MoeArgs(
-            num_experts=config["n_routed_experts"],
-            num_experts_per_tok=config["num_experts_per_tok"],
-            num_shared_experts=config.get("n_shared_experts") or 0,
-            expert_hidden_dim=config["moe_intermediate_size"],
-            first_k_dense_replace=config.get("first_k_dense_replace", 0),
-            routed_scale=float(config.get("routed_scaling_factor", 1.0)),
-            **routing(config, source),
+    nope, rope_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
+    # the head transformers rotates a partial_rotary_factor of: its configs fix it at the whole
+    # query/key head (mistral4) or the RoPE part (deepseek), whatever head_dim says
+    head_dim = nope + rope_dim if config["model_type"] == "mistral4" else rope_dim
+    partial = rope.get("partial_rotary_factor", rope_dim / head_dim)
+    if int(head_dim * partial) != rope_dim:
+        raise MistralError(
+            f"partial_rotary_factor {partial} of head_dim {head_dim} is not the RoPE part "
+            f"qk_rope_head_dim ({rope_dim})"
         )
-        return ModelArgs(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            head_dim=nope + rope_dim,
-            hidden_dim=config["intermediate_size"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            norm_eps=config["rms_norm_eps"],
-            vocab_size=config["vocab_size"],
-            rope_theta=float(theta),
-            moe=moe,
-            yarn=yarn,
-            llama_4_scaling=scaling if config["model_type"] == "mistral4" else None,
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            q_lora_rank=config.get("q_lora_rank"),
-            kv_lora_rank=config["kv_lora_rank"],
-            qk_nope_head_dim=nope,
-            qk_rope_head_dim=rope_dim,
-            v_head_dim=config["v_head_dim"],
-        )
-    except KeyError as e:
-        raise MistralError(f"{source}: missing key {e.args[0]}") from None
-    except MistralError as e:
-        raise MistralError(f"{source}: {e}") from None
+    moe = MoeArgs(
+        num_experts=config["n_routed_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        num_shared_experts=config.get("n_shared_experts") or 0,
+        expert_hidden_dim=config["moe_intermediate_size"],
+        first_k_dense_replace=config.get("first_k_dense_replace", 0),
+        routed_scale=float(config.get("routed_scaling_factor", 1.0)),
+        **routing(config),
+    )
+    if config["model_type"] != "mistral4":  # only mistral4 scales its queries
+        common = common | {"llama_4_scaling": None}
+    return ModelArgs(
+        **common,
+        head_dim=nope + rope_dim,
+        moe=moe,
+        q_lora_rank=config.get("q_lora_rank"),
+        kv_lora_rank=config["kv_lora_rank"],
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=config["v_head_dim"],
+    )
 
 
 def model_type(args: ModelArgs) -> str:
