@@ -122,33 +122,45 @@ def split_fused_fp8(tensors: dict[str, RawTensor], source: str) -> dict[str, Raw
     return out
 
 
+# A weight's scales as each layout names them beside its module: (the weight's, its inputs')
+HF_SCALES = (".weight_scale_inv", ".activation_scale")
+MISTRAL_SCALES = (".qscale_weight", ".qscale_act")
+
+
 def gather_fp8(
-    tensors: dict[str, RawTensor], block: tuple[int, int], source: str
+    tensors: dict[str, RawTensor],
+    block: tuple[int, int],
+    source: str,
+    names: tuple[str, str] = HF_SCALES,
 ) -> dict[str, Any]:
-    """Each e4m3 ``<module>.weight`` with its ``.weight_scale_inv`` as one FP8Tensor, checked;
-    static ``.activation_scale`` tensors left out."""
+    """Each e4m3 ``<module>.weight`` with its scale (``names``: Hugging Face's
+    ``.weight_scale_inv``, or Mistral's ``.qscale_weight``) as one FP8Tensor, checked; static
+    activation scales (``.activation_scale``, ``.qscale_act``) checked and left out."""
+    scales, inputs = names
     tensors = split_fused_fp8(tensors, source)
     out: dict[str, Any] = {}
     for name, t in tensors.items():
-        if name.endswith(".activation_scale"):
-            weight = name.removesuffix(".activation_scale") + ".weight"
+        if name.endswith(inputs):
+            weight = name.removesuffix(inputs) + ".weight"
             if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
                 raise MistralError(f"{source}: {name} scales the inputs of no float8 weight")
+            if t.shape not in ((), (1,)) or t.dtype not in ("float32", "bfloat16"):
+                raise MistralError(f"{source}: {name} is {t.dtype} {t.shape}, not one float")
             continue
-        if name.endswith(".weight_scale_inv"):
-            weight = name.removesuffix("_scale_inv")
+        if name.endswith(scales):
+            weight = name.removesuffix(scales) + ".weight"
             if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
                 raise MistralError(f"{source}: {name} scales no float8 weight")
             continue
         if t.dtype != "float8_e4m3":
             out[name] = t
             continue
-        scale = tensors.get(name + "_scale_inv")
+        scale, b = tensors.get(name.removesuffix(".weight") + scales), block
         if scale is not None and scale.shape in ((), (1,)):  # one scale for the whole weight
-            scale, block = RawTensor(scale.dtype, scale.data.reshape(1, 1)), (1 << 62, 1 << 62)
+            scale, b = RawTensor(scale.dtype, scale.data.reshape(1, 1)), (1 << 62, 1 << 62)
         if scale is None or len(t.shape) != 2 or scale.dtype not in ("float32", "bfloat16"):
-            raise MistralError(f"{source}: {name} is float8 without its float weight_scale_inv")
-        bo, bi = min(block[0], t.shape[0]), min(block[1], t.shape[1])
+            raise MistralError(f"{source}: {name} is float8 without its float {scales[1:]}")
+        bo, bi = min(b[0], t.shape[0]), min(b[1], t.shape[1])
         want = (-(-t.shape[0] // bo), -(-t.shape[1] // bi))
         if tuple(scale.shape) != want:
             raise MistralError(f"{source}: {name}'s scales {scale.shape} are not {want} blocks")
@@ -172,23 +184,5 @@ def mistral_fp8(block: Any, source: str) -> bool:
 
 
 def gather_mistral_fp8(tensors: dict[str, RawTensor], source: str) -> dict[str, Any]:
-    """Each e4m3 ``<module>.weight`` with its ``.qscale_weight`` as one FP8Tensor of one scale;
-    the ``.qscale_act`` beside it checked and left out."""
-    out: dict[str, Any] = {}
-    for name, t in tensors.items():
-        if name.endswith((".qscale_weight", ".qscale_act")):
-            weight = name.rsplit(".", 1)[0] + ".weight"
-            if weight not in tensors or tensors[weight].dtype != "float8_e4m3":
-                raise MistralError(f"{source}: {name} scales no float8 weight")
-            if t.shape not in ((), (1,)) or t.dtype not in ("float32", "bfloat16"):
-                raise MistralError(f"{source}: {name} is {t.dtype} {t.shape}, not one float")
-            continue
-        if t.dtype != "float8_e4m3":
-            out[name] = t
-            continue
-        scale = tensors.get(name.removesuffix(".weight") + ".qscale_weight")
-        if scale is None or len(t.shape) != 2:
-            raise MistralError(f"{source}: {name} is float8 without its qscale_weight")
-        one = RawTensor("float32", scale.to_numpy().reshape(1, 1))
-        out[name] = FP8Tensor(t, one, (t.shape[0], t.shape[1]))  # one block: the weight
-    return out
+    """Mistral's per-tensor FP8: one ``.qscale_weight`` per weight, a ``.qscale_act``."""
+    return gather_fp8(tensors, (1 << 62, 1 << 62), source, MISTRAL_SCALES)

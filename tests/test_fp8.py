@@ -253,3 +253,22 @@ def test_a_mistral4_fp8_folder_with_static_activation_scales(tmp_path):
         ours = mistral.load(tmp_path / "fp8", backend=backend, device="cpu", dtype="float32")
         ref = mistral.from_tensors(args, reference, backend, "cpu", "float32")
         assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0, backend
+
+
+def test_a_weight_of_one_scale_leaves_the_others_blocks(tmp_path):
+    """One weight's scale for the whole of it (a scalar) does not make the weights read after
+    it whole-weight too: each is checked against the folder's blocks."""
+    from mistral.safetensors_file import read_tensors
+
+    args = tiny("tiny-window")
+    fp8_folder(tmp_path / "fp8", args)
+    path = tmp_path / "fp8" / "model.safetensors"
+    tensors = {k: RawTensor(t.dtype, np.array(t.data)) for k, t in read_tensors(path).items()}
+    first = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    assert list(tensors).index(first) < list(tensors).index("model.layers.1.mlp.down_proj.weight")
+    tensors[first] = from_numpy(np.full((), 0.01, np.float32))
+    path.unlink()
+    write_tensors(path, list(tensors.items()))
+    ckpt = read_checkpoint(tmp_path / "fp8")
+    assert ckpt.tensors["layers.0.attention.wq.weight"].scale_inv.shape == (1, 1)
+    assert ckpt.tensors["layers.1.feed_forward.w2.weight"].block == (32, 32)
