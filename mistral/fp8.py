@@ -13,7 +13,6 @@ exponent 0 is subnormal (2^-6 * m / 8), S.1111.111 is NaN, the largest value 448
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,37 +90,6 @@ def fp8_block(config: Any, source: str) -> tuple[int, int] | None:
     return block[0] or 1 << 62, block[1] or 1 << 62  # none: one scale for the whole weight
 
 
-# transformers' mistral4 FP8 experts, fused per layer: codes (E, 2 hidden, dim) / (E, dim,
-# hidden), one scale per expert (E, 1, 1), activation scales (E,).
-_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)$")
-
-
-def split_fused_fp8(tensors: dict[str, RawTensor], source: str) -> dict[str, RawTensor]:
-    """Fused FP8 experts as one e4m3 weight and scale per expert, under the unfused names."""
-    out = dict(tensors)
-    for name, t in tensors.items():
-        match = _FUSED.match(name)
-        if match is None or t.dtype != "float8_e4m3":
-            continue
-        prefix, kind = match.groups()
-        scale = out.pop(name + "_scale_inv", None)
-        out.pop(name + "_activation_scale", None)
-        del out[name]
-        if len(t.shape) != 3 or scale is None or scale.data.size != t.shape[0]:
-            raise MistralError(f"{source}: {name} is float8 without one scale per expert")
-        scales = scale.data.reshape(-1)
-        for e in range(t.shape[0]):
-            one = RawTensor(scale.dtype, scales[e : e + 1])  # (1,): the whole weight's
-            halves = [("down_proj", t.data[e])] if kind == "down_proj" else []
-            if kind == "gate_up_proj":
-                half = t.shape[1] // 2
-                halves = [("gate_proj", t.data[e, :half]), ("up_proj", t.data[e, half:])]
-            for proj, codes in halves:
-                out[f"{prefix}{e}.{proj}.weight"] = RawTensor(t.dtype, codes)
-                out[f"{prefix}{e}.{proj}.weight_scale_inv"] = one
-    return out
-
-
 # A weight's scales as each layout names them beside its module: (the weight's, its inputs')
 HF_SCALES = (".weight_scale_inv", ".activation_scale")
 MISTRAL_SCALES = (".qscale_weight", ".qscale_act")
@@ -137,7 +105,6 @@ def gather_fp8(
     ``.weight_scale_inv``, or Mistral's ``.qscale_weight``) as one FP8Tensor, checked; static
     activation scales (``.activation_scale``, ``.qscale_act``) checked and left out."""
     scales, inputs = names
-    tensors = split_fused_fp8(tensors, source)
     out: dict[str, Any] = {}
     for name, t in tensors.items():
         if name.endswith(inputs):

@@ -158,13 +158,13 @@ def tensors_from_hf(
     """Renames HF tensors to checkpoint keys and un-permutes wq/wk (lazily); of a mistral3
     folder (``multimodal``), the text decoder's; of an mlx-lm quantized folder (its config's
     ``quantization``), each packed weight with its scales and biases as one QuantizedTensor."""
+    tensors = unstack_experts(tensors, source)  # codes and their scales alike
     if fp8 is not None:  # Hugging Face's FP8: e4m3 codes with a weight_scale_inv per block
-        tensors = gather_fp8(dict(tensors), fp8, source)
-    elif quantization is not None:  # mlx-lm's: a Mixtral's stacked experts split first
+        tensors = gather_fp8(tensors, fp8, source)
+    elif quantization is not None:  # mlx-lm's, its per-layer choices for each expert too
         default, layers = quant.config_quantization(quantization, source)
         n = args.moe.num_experts if args.moe else 0
-        layers = unstack_layers(layers, n)
-        tensors = quant.gather(unstack_experts(tensors), default, layers, source)
+        tensors = quant.gather(tensors, default, unstack_layers(layers, n), source)
     elif any(k.endswith((".scales", ".biases")) for k in tensors):
         first = next(k for k in tensors if k.endswith((".scales", ".biases")))
         raise MistralError(f"{source}: {first} but the config has no quantization block")
@@ -173,7 +173,7 @@ def tensors_from_hf(
     out = {}
     unknown = []
     rows = {"wq": args.n_heads, "wk": args.n_kv_heads}
-    for name, t in unstack_experts(tensors).items():
+    for name, t in tensors.items():
         key = from_hf_name(name)
         if key is None:
             unknown.append(name)
@@ -198,24 +198,35 @@ _SWITCH = re.compile(
 )
 _SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 # transformers' mistral4 writes each layer's experts fused: gate_up_proj (E, 2 hidden, dim),
-# gate rows first, and down_proj (E, dim, hidden).
-_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(gate_up_proj|down_proj)$")
+# gate rows first, and down_proj (E, dim, hidden); in FP8 with one scale per expert (E, 1, 1)
+# and static input scales (E,) beside them (under a mistral3 folder's prefix too).
+_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_scale_inv|_activation_scale)?$")
+_FUSED_PARTS = {None: ".weight", "_scale_inv": ".weight_scale_inv"}
+_FUSED_PARTS["_activation_scale"] = ".activation_scale"
 
 
-def unstack_experts(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
+def unstack_experts(tensors: Mapping[str, RawTensor], source: str) -> dict[str, RawTensor]:
     """Experts stored stacked, (E, out, in), split into one tensor each: mlx-lm's Mixtral
-    switch_mlp and transformers' fused mistral4 experts."""
+    switch_mlp (codes, scales and biases alike) and transformers' fused mistral4 experts (their
+    FP8 scales alike, an expert's gate and up rows sharing theirs)."""
     out = {}
     for name, t in tensors.items():
-        if (match := _FUSED.match(name)) and len(t.shape) == 3:
-            prefix = match.group(1)
+        match = _FUSED.match(name)
+        codes = None if match is None else tensors.get(match.group(1) + match.group(2))
+        if match and codes is not None and len(codes.shape) == 3:  # else: named as unexpected
+            prefix, kind, part = match.groups()
+            if t.shape[:1] != codes.shape[:1]:
+                raise MistralError(f"{source}: {name} is not one per expert of {prefix + kind}")
+            suffix, half = _FUSED_PARTS[part], codes.shape[1] // 2
             for e in range(t.shape[0]):
-                if match.group(2) == "down_proj":
-                    out[f"{prefix}{e}.down_proj.weight"] = RawTensor(t.dtype, t.data[e])
+                if kind == "down_proj":
+                    out[f"{prefix}{e}.down_proj{suffix}"] = RawTensor(t.dtype, t.data[e])
                     continue
-                half = t.shape[1] // 2
-                out[f"{prefix}{e}.gate_proj.weight"] = RawTensor(t.dtype, t.data[e, :half])
-                out[f"{prefix}{e}.up_proj.weight"] = RawTensor(t.dtype, t.data[e, half:])
+                gate, up = (
+                    (t.data[e, :half], t.data[e, half:]) if part is None else (t.data[e],) * 2
+                )
+                out[f"{prefix}{e}.gate_proj{suffix}"] = RawTensor(t.dtype, gate)
+                out[f"{prefix}{e}.up_proj{suffix}"] = RawTensor(t.dtype, up)
             continue
         match = _SWITCH.match(name)
         if match is None or match.group(2) not in _SWITCH_NAMES:

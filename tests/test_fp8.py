@@ -272,3 +272,18 @@ def test_a_weight_of_one_scale_leaves_the_others_blocks(tmp_path):
     ckpt = read_checkpoint(tmp_path / "fp8")
     assert ckpt.tensors["layers.0.attention.wq.weight"].scale_inv.shape == (1, 1)
     assert ckpt.tensors["layers.1.feed_forward.w2.weight"].block == (32, 32)
+
+
+def test_fused_expert_scales_must_be_one_per_expert():
+    """A fused layer's scales split with its codes, one per expert: a count that lies is named."""
+    codes = RawTensor("float8_e4m3", np.zeros((4, 8, 6), np.uint8))
+    scales = from_numpy(np.ones((3, 1, 1), np.float32))  # 3 scales for 4 experts
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    with pytest.raises(mistral.MistralError, match="is not one per expert") as e:
+        hf.unstack_experts({name: codes, name + "_scale_inv": scales}, "src")
+    assert "\n" not in str(e.value)
+    split = hf.unstack_experts(
+        {name: codes, name + "_scale_inv": from_numpy(np.ones((4, 1, 1), np.float32))}, "src"
+    )
+    assert split["model.layers.1.mlp.experts.3.up_proj.weight"].shape == (4, 6)
+    assert split["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"].shape == (1, 1)
