@@ -154,3 +154,13 @@ def stage_tensors(args: ModelArgs, tensors: Mapping[str, Any], shard: Shard) -> 
         elif last:  # the final norm and the output projection
             out[name] = t
     return out
+
+
+def rank_share(
+    args: ModelArgs, tensors: Mapping[str, Any], kind: str, shard: Shard
+) -> tuple[ModelArgs, dict[str, Any]]:
+    """The shapes a rank builds and the tensors it reads: a share of every layer (tensor) or a
+    block of whole layers under the model's own shapes (pipeline)."""
+    if kind == "tensor":
+        return local_args(args, shard), shard_tensors(args, tensors, shard)
+    return args, stage_tensors(args, tensors, shard)

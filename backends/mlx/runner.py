@@ -18,7 +18,7 @@ from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
+from mistral.parallel import REDUCED, rank_share
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
@@ -160,11 +160,8 @@ def build(
     local, shard, pipeline, group = args, None, None, None
     if parallel is not None:
         rank, group = join()
-        if parallel == "tensor":  # this rank's share of the heads and hidden units
-            shard = rank
-            local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
-        else:  # pipeline: this rank's block of whole layers
-            pipeline, tensors = rank, stage_tensors(args, tensors, rank)
+        local, tensors = rank_share(args, tensors, parallel, rank)
+        shard, pipeline = (rank, None) if parallel == "tensor" else (None, rank)
     model = Transformer(local)  # MLX is lazy: the initial parameters are never materialized
     if pipeline is not None:
         stage(model, args, pipeline, dt, group)

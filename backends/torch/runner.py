@@ -25,7 +25,7 @@ from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
-from mistral.parallel import REDUCED, local_args, shard_tensors, stage_tensors
+from mistral.parallel import REDUCED, rank_share
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
@@ -200,11 +200,8 @@ def build(
         if compile:
             raise MistralError("compile and parallel ranks do not go together yet")
         rank, dev = join(dev)
-        if parallel == "tensor":  # this rank's share of the heads and hidden units
-            shard = rank
-            local, tensors = local_args(args, shard), shard_tensors(args, tensors, shard)
-        else:  # pipeline: this rank's block of whole layers
-            pipeline, tensors = rank, stage_tensors(args, tensors, rank)
+        local, tensors = rank_share(args, tensors, parallel, rank)
+        shard, pipeline = (rank, None) if parallel == "tensor" else (None, rank)
     with torch.device("meta"), without_initial_weights():
         model = Transformer(local)
     if pipeline is not None:
