@@ -305,8 +305,8 @@ def quantized_items(
     for name, t in items:
         kind = dtype or t.dtype
         stacked = len(t.shape) == 3 and ".switch_mlp." in name  # a Mixtral layer's experts
-        whole = len(t.shape) != 2 and not stacked
-        if whole or t.shape[-1] % q.group_size or not name.endswith(".weight"):
+        matrix = len(t.shape) == 2 or stacked
+        if not matrix or t.shape[-1] % q.group_size or not name.endswith(".weight"):
             out.append((name, Deferred(kind, t.shape, lambda t=t: cast(t, dtype).data)))
             continue
         *lead, n = t.shape  # (out, in), or (experts, out, in): groups run along each row alike
