@@ -203,12 +203,7 @@ def model_type(args: ModelArgs) -> str:
     if newer:
         if mixed:
             raise MistralError("transformers' ministral3 has no per-layer windows")
-        y, s = args.yarn, args.llama_4_scaling
-        if y and s and y.original_max_position_embeddings != s.original_max_position_embeddings:
-            raise MistralError(
-                "transformers' ministral3 has one original_max_position_embeddings for YaRN and "
-                "the query scaling; these args have two"
-            )
+        hf_latent.one_original_context(args, "ministral3")
         return "ministral3"
     return "ministral" if mixed else "mistral"
 

@@ -137,13 +137,19 @@ def model_type(args: ModelArgs) -> str:
         raise MistralError("no transformers router scores groups this way with these weights")
     if kind != "mistral4" and args.llama_4_scaling is not None:
         raise MistralError(f"transformers' {kind} has no query scaling by position")
+    one_original_context(args, kind)
+    return kind
+
+
+def one_original_context(args: ModelArgs, kind: str) -> None:
+    """ministral3 and mistral4 read YaRN's and the query scaling's original context from one
+    key: args with two cannot be written."""
     y, s = args.yarn, args.llama_4_scaling
     if y and s and y.original_max_position_embeddings != s.original_max_position_embeddings:
         raise MistralError(
-            "transformers' mistral4 has one original_max_position_embeddings for YaRN and the "
+            f"transformers' {kind} has one original_max_position_embeddings for YaRN and the "
             "query scaling; these args have two"
         )
-    return kind
 
 
 def yarn_keys(y: YarnArgs) -> dict[str, Any]:
