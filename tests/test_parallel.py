@@ -215,3 +215,14 @@ def test_bench_under_torchrun_reports_each_rank_s_memory():
     from tests.test_cli import run as cli
 
     assert_one_line_error(cli(*args, "--compare", "hf"), "not with --parallel")
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "1e9"])
+def test_a_rank_timeout_that_is_no_number_of_seconds_is_one_line(monkeypatch, value):
+    from backends.torch.parallel import rank_timeout
+
+    monkeypatch.setenv("MISTRAL_RANK_TIMEOUT", value)
+    with pytest.raises(mistral.MistralError, match="MISTRAL_RANK_TIMEOUT must be a number"):
+        rank_timeout()
+    monkeypatch.setenv("MISTRAL_RANK_TIMEOUT", "30")
+    assert rank_timeout().total_seconds() == 30
