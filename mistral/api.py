@@ -48,6 +48,11 @@ class Model:
         where = f"backend={self.backend}, device={self.device}, dtype={self.dtype}"
         return f"Model({self.source!r}, {where})"
 
+    def share(self, data: bytes) -> bytes:
+        """Rank 0's bytes on every rank when the model is split over parallel ranks (each rank
+        calls it at the same point); in one process, the bytes themselves."""
+        return self.runner.share(data)
+
     def logits(self, batch: list[list[int]], chunk_size: int | None = None) -> list[np.ndarray]:
         """Float32 logits, (len(row), vocab_size) per row, computed through the rotating cache."""
         return gen.all_logits(self.runner, batch, chunk_size)

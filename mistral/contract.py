@@ -56,6 +56,11 @@ class Runner(Protocol):
         alone (every plan's ``key_layout`` is "new")."""
         ...
 
+    def share(self, data: bytes) -> bytes:
+        """Rank 0's bytes on every rank of a model split over parallel ranks (a line typed there,
+        a seed drawn there); one process: the bytes themselves. Every rank calls it in step."""
+        ...
+
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """Every named tap (mistral.taps) of one uncached forward of one row, float32 (T, ...)."""
         ...

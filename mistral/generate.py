@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
@@ -155,6 +156,8 @@ def stream(
     if session is None:
         longest = max(len(p) for p in prompts) + max_tokens
         session = Session(runner, len(prompts), longest)
+    if seed is None and temperature > 0:  # parallel ranks draw rank 0's seed, so the same tokens
+        seed = int.from_bytes(runner.share(secrets.token_bytes(8)), "little")
     rng = np.random.default_rng(seed)
     B = len(prompts)
     last = np.zeros((B, runner.args.vocab_size), dtype=np.float32)

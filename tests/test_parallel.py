@@ -86,6 +86,10 @@ def test_two_ranks_give_one_process_s_logits_and_tokens(tmp_path, kind):
             assert np.abs(got["a"] - logits[0]).max() <= 1e-5, (config, rank)
             assert np.abs(got["b"] - logits[1]).max() <= 1e-5, (config, rank)
             assert got["tokens"].tolist() == tokens, (config, rank)
+            assert (
+                got["sampled"].tolist() == np.load(tmp_path / f"rank0-{i}.npz")["sampled"].tolist()
+            )
+            assert got["said"].tobytes() == b"from rank 0", (config, rank)
             held.append(int(got["held"]))
         whole = sum(p.numel() for p in one.runner.model.parameters())
         if kind == "pipeline":  # each weight on one rank only
@@ -182,6 +186,8 @@ def test_two_mlx_ranks_under_mlx_launch_give_one_process_s_logits(tmp_path, kind
         assert np.abs(got["a"] - logits[0]).max() <= 1e-5, rank
         assert np.abs(got["b"] - logits[1]).max() <= 1e-5, rank
         assert got["tokens"].tolist() == tokens, rank
+        assert got["sampled"].tolist() == np.load(tmp_path / "mlx-rank0.npz")["sampled"].tolist()
+        assert got["said"].tobytes() == b"from rank 0", rank
 
 
 @pytest.mark.parametrize("kind", ["pipeline"])  # tensor's all-reduce fails the same way

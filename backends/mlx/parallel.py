@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
@@ -31,6 +32,18 @@ def reduced(kernel: Callable | None, group: mx.distributed.Group) -> Callable:
         return mx.distributed.all_sum(y, group=group)
 
     return product
+
+
+def share(data: bytes, group: mx.distributed.Group) -> bytes:
+    """Rank 0's bytes on every rank: summed with the others' zeros (exact), its size first."""
+    first = group.rank() == 0
+    size = mx.array([len(data) if first else 0], dtype=mx.int64)
+    n = mx.distributed.all_sum(size, group=group, stream=mx.cpu).item()
+    if not n:
+        return b""
+    buffer = np.frombuffer(data, np.uint8) if first else np.zeros(n, np.uint8)
+    summed = mx.distributed.all_sum(mx.array(buffer), group=group, stream=mx.cpu)
+    return np.array(summed).tobytes()
 
 
 class AllSummed(nn.Module):

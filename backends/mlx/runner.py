@@ -13,7 +13,16 @@ import numpy as np
 from backends.mlx.cache import LayerCache, Step
 from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, MoeLayer, Transformer
-from backends.mlx.parallel import AllSummed, Broadcast, Received, connect, join, reduced, stage
+from backends.mlx.parallel import (
+    AllSummed,
+    Broadcast,
+    Received,
+    connect,
+    join,
+    reduced,
+    share,
+    stage,
+)
 from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
@@ -79,9 +88,15 @@ class Runner:
     """A Transformer on one device and dtype, run step by step through its layers' caches."""
 
     def __init__(
-        self, args: ModelArgs, model: Transformer, device: mx.Device, dtype: mx.Dtype
+        self,
+        args: ModelArgs,
+        model: Transformer,
+        device: mx.Device,
+        dtype: mx.Dtype,
+        group: mx.distributed.Group | None = None,
     ) -> None:
         self.args = args
+        self.group = group  # parallel ranks: the group share() speaks over
         self.model = model
         self.mx_device = device
         self.mx_dtype = dtype
@@ -115,6 +130,10 @@ class Runner:
             # One evaluation per step: the logits and every layer's cache writes together.
             mx.eval(out, [(c.k, c.v) for c in cache or []])
         return np.array(out)
+
+    def share(self, data: bytes) -> bytes:
+        """Rank 0's bytes on every parallel rank; one process: the bytes."""
+        return data if self.group is None else share(data, self.group)
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
@@ -187,4 +206,4 @@ def build(
     for block in model.layers if shard else []:  # a MoE layer's partial sums, summed once
         if isinstance(block.feed_forward, MoeLayer):
             block.feed_forward = AllSummed(block.feed_forward, group)
-    return Runner(args, model, dev, dt)
+    return Runner(args, model, dev, dt, group)

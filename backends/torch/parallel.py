@@ -34,8 +34,9 @@ def rank_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def join(device: torch.device) -> tuple[Shard, torch.device]:
-    """This process's rank among torchrun's, and its device (cuda:LOCAL_RANK on CUDA)."""
+def join(device: torch.device) -> tuple[Shard, torch.device, dist.ProcessGroup]:
+    """This process's rank among torchrun's, its device (cuda:LOCAL_RANK on CUDA), and a gloo
+    group for what rank 0 shares from the host (see share)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise MistralError("parallel ranks run under torchrun (RANK and WORLD_SIZE are unset)")
@@ -45,7 +46,30 @@ def join(device: torch.device) -> tuple[Shard, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Shard(dist.get_rank(), dist.get_world_size()), device
+    # A person may take a while to type the next line: no timeout there (a rank that ends is
+    # still seen at once, its connections closing).
+    host = dist.new_group(backend="gloo", timeout=timedelta(days=30))
+    return Shard(dist.get_rank(), dist.get_world_size()), device, host
+
+
+def share(data: bytes, group: dist.ProcessGroup) -> bytes:
+    """Rank 0's bytes on every rank (CPU tensors over gloo, beside NCCL on CUDA)."""
+    try:
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(size, 0, group=group)
+        if not size.item():
+            return b""
+        if dist.get_rank() == 0:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(buffer, 0, group=group)
+    except RuntimeError as e:
+        lost = peer_lost(e)
+        if lost is None:
+            raise
+        raise lost from None
+    return buffer.numpy().tobytes()
 
 
 def leave() -> None:

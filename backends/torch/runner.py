@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from backends.torch.cache import LayerCache, Step
 from backends.torch.kernels import linear_kernel, stack_experts
@@ -19,6 +20,7 @@ from backends.torch.parallel import (
     peer_lost,
     reduce_output,
     reduced,
+    share,
     stage,
 )
 from mistral.args import ModelArgs
@@ -102,9 +104,15 @@ class Runner:
     """A Transformer on one device and dtype, run step by step through its layers' caches."""
 
     def __init__(
-        self, args: ModelArgs, model: Transformer, device: torch.device, dtype: torch.dtype
+        self,
+        args: ModelArgs,
+        model: Transformer,
+        device: torch.device,
+        dtype: torch.dtype,
+        host: dist.ProcessGroup | None = None,
     ) -> None:
         self.args = args
+        self.host = host  # parallel ranks: the group share() speaks over
         self.model = model
         self.decode_model = model  # the model of decode steps (compiled, where asked for)
         self.torch_device = device
@@ -144,6 +152,10 @@ class Runner:
             raise lost from None
         out = out[:, 0] if last_only else out
         return out.cpu().numpy()
+
+    def share(self, data: bytes) -> bytes:
+        """Rank 0's bytes on every parallel rank; one process: the bytes."""
+        return data if self.host is None else share(data, self.host)
 
     def trace(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """One uncached forward of one row with every tap recorded, as float32 numpy (T, ...)."""
@@ -195,11 +207,11 @@ def build(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runs(dev, dt)
-    local, shard, pipeline = args, None, None
+    local, shard, pipeline, host = args, None, None, None
     if parallel is not None:
         if compile:
             raise MistralError("compile and parallel ranks do not go together yet")
-        rank, dev = join(dev)
+        rank, dev, host = join(dev)
         local, tensors = rank_share(args, tensors, parallel, rank)
         shard, pipeline = (rank, None) if parallel == "tensor" else (None, rank)
     with torch.device("meta"), without_initial_weights():
@@ -224,7 +236,7 @@ def build(
             module.kernel = reduced(kernel) if shard and name.endswith(REDUCED) else kernel
         if shard and isinstance(module, MoeLayer):  # its experts' partial sums, summed once
             module.register_forward_hook(reduce_output)
-    runner = Runner(args, model, dev, dt)
+    runner = Runner(args, model, dev, dt, host)
     if compile:
         # Decode steps have static shapes (keys = the whole buffer): compiled once, and on CUDA
         # replayed as a CUDA graph ("reduce-overhead"). Prefill stays eager.
