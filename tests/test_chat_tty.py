@@ -1,5 +1,5 @@
 """`mistral chat` in a pseudo-terminal, as a person uses it: line editing and history, commands,
-Ctrl-C at the prompt and during an answer, Ctrl-D."""
+Ctrl-C at the prompt and during an answer, Ctrl-D; over two ranks under torchrun."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from tests.helpers import ROOT
 class Terminal:
     """The chat on a pseudo-terminal: type into it, read what it shows."""
 
-    def __init__(self, *argv: str, home) -> None:
+    def __init__(self, *argv: str, home, launcher: tuple[str, ...] = ()) -> None:
         self.master, slave = pty.openpty()
         env = {**os.environ, "HOME": str(home), "TERM": "xterm", "COLUMNS": "200"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mistral", "chat", *argv],
+            [sys.executable, *launcher, "-m", "mistral", "chat", *argv],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -101,3 +101,28 @@ def test_ctrl_c_clears_the_prompt_and_stops_an_answer(term):
     assert "[stopped]" in term.read_until(r"\[stopped\]\s*\n> ")
     term.type("/quit\r")
     assert term.close() == 0
+
+
+def test_ctrl_c_stops_an_answer_on_every_rank_under_torchrun(tmp_path):
+    """Rank 0 reads the terminal torchrun was started from: during an answer Ctrl-C comes to it
+    as a key (as a signal torchrun would end every rank), and every rank stops at the same
+    token, so the next answer still runs on both."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    argv = ("--max-tokens", "3000", "--temperature", "0", "--parallel", "tensor")
+    term = Terminal(*argv, home=tmp_path, launcher=launcher)
+    try:
+        term.read_until(r"/help for commands.*\n> ")
+        term.type("Tell me of the flood.\r")
+        term.read_until(r"flood\.\r\n.")  # the answer has begun
+        term.type("\x03")
+        assert "[stopped]" in term.read_until(r"\[stopped\]\s*\n> ")
+        term.type("/set max_tokens 5\r")
+        term.read_until(r"max_tokens = 5.*\n> ")
+        term.type("And Noah?\r")
+        assert term.read_until(r"Noah\?\r\n.*\n> ").count("\n") >= 2  # answered, in step
+        term.type("/quit\r")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.close()

@@ -159,10 +159,30 @@ def test_generate_under_mlx_launch_prints_once_what_one_process_prints():
     # (the exit code: see test_two_ranks_give_one_process_s_logits_and_tokens)
 
 
-def test_chat_refuses_parallel_ranks_in_one_line():
-    from tests.test_cli import assert_one_line_error, run
+CHAT = "Who was Noah?\n/set max_tokens 8\n/save {0}\nAnd Moses?\n/load {0}\nAnd Moses?\n/quit\n"
 
-    assert_one_line_error(run("chat", "--parallel", "tensor", stdin="hi\n"), "use generate")
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_chat_over_two_ranks_prints_once_what_one_process_prints(tmp_path, backend):
+    """Rank 0 reads the lines and every rank runs them: answers, /set, /save (written once)
+    and /load (rank 0's file). mlx.launch copies its input to every rank but never closes it:
+    the chat ends with /quit."""
+    from pathlib import Path
+
+    lines = CHAT.format(tmp_path / "c.json")
+    args = ["chat", "--max-tokens", "16", "--temperature", "0", "--backend", backend]
+    if backend == "torch":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", "2", "-m", "mistral"]  # fmt: skip
+    else:
+        launch = [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n",
+                  "2", "--python", sys.executable, "--", "-m", "mistral"]  # fmt: skip
+    out = subprocess.run([*launch, *args, "--parallel", "tensor"], input=lines, text=True,
+                         capture_output=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "mistral", *args], input=lines, text=True,
+                         capture_output=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert out.stdout == one.stdout and out.stdout.count("\n") == 3, out.stderr[-2000:]
+    assert out.stderr.count("[loaded 2 messages") == 1, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("kind, config, layout", MLX_RUNS)

@@ -12,9 +12,10 @@ from typing import NoReturn
 import simple_parsing as sp
 
 import mistral
+from mistral.cli.chat import Chat
 from mistral.cli.checks import Bench, Diff
 from mistral.cli.folders import Convert, Info
-from mistral.cli.run import Chat, Generate
+from mistral.cli.run import Generate
 from mistral.errors import MistralError
 
 COMMANDS = {
