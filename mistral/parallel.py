@@ -3,12 +3,16 @@
 Each of ``world`` ranks holds a contiguous share of the query heads, of the key/value heads and of
 the feed-forward's hidden units: the rows of wq, wk, wv, w1 and w3 (their outputs), the columns
 of wo and w2 (their inputs). A rank's attention and feed-forward then give partial sums of the
-residual update, which one all-reduce after wo and one after w2 complete. Embeddings, norms and
-the output projection are held whole by every rank, so every rank computes the same logits.
+residual update, which one all-reduce after wo and one after w2 complete. The embedding table and
+the output projection split by vocabulary: a rank embeds the ids in its rows (zeros for the rest,
+summed over the ranks) and projects onto its rows, whose logits are gathered. Norms and routers
+are held whole by every rank, so every rank computes the same logits.
 
-E.g. 8 query heads of 16 over 4 kv heads, hidden 96, 2 ranks: rank 1 holds wq rows 64..127 (heads
-4..7), wk and wv rows 32..63 (kv heads 2..3, the ones its query heads share), w1 and w3 rows
-48..95, wo columns 64..127, w2 columns 48..95.
+E.g. 8 query heads of 16 over 4 kv heads, hidden 96, vocabulary 1000, 2 ranks: rank 1 holds wq
+rows 64..127 (heads 4..7), wk and wv rows 32..63 (kv heads 2..3, the ones its query heads share),
+w1 and w3 rows 48..95, wo columns 64..127, w2 columns 48..95, embedding and output rows 500..999.
+A vocabulary that does not divide is split in blocks of ceil(V / world), the last rank's shorter
+(its logits padded for the gather).
 
 Pipeline: each rank holds a contiguous block of whole layers, ceil(n_layers / world) of them as the
 original reference splits them, the embedding table on the first rank and the final norm and
@@ -61,8 +65,15 @@ def kv_heads(args: ModelArgs, shard: Shard) -> range:
     return range(first, first + 1)
 
 
+def vocab_rows(vocab_size: int, shard: Shard) -> range:
+    """The rows of the embedding table and of the output projection a tensor rank holds."""
+    per = -(-vocab_size // shard.world)
+    return range(min(shard.rank * per, vocab_size), min((shard.rank + 1) * per, vocab_size))
+
+
 def local_args(args: ModelArgs, shard: Shard) -> ModelArgs:
-    """The shapes one rank builds: its share of the heads and hidden units (of every expert)."""
+    """The shapes one rank builds: its share of the heads, of the hidden units (of every
+    expert) and of the vocabulary."""
     w = shard.world
     m = args.moe
     sizes = {"n_heads": args.n_heads, "hidden_dim": args.hidden_dim}
@@ -71,19 +82,28 @@ def local_args(args: ModelArgs, shard: Shard) -> ModelArgs:
     for name, n in sizes.items():
         if n % w:
             raise MistralError(f"{name} ({n}) does not split over {w} ranks")
+    if not vocab_rows(args.vocab_size, shard):
+        raise MistralError(f"a vocabulary of {args.vocab_size} leaves rank {shard.rank} no rows")
     local = dataclasses.replace(
         args,
         n_heads=args.n_heads // w,
         n_kv_heads=args.n_heads // w if args.mla else len(kv_heads(args, shard)),  # MLA: unused
         hidden_dim=args.hidden_dim // w,
+        vocab_size=len(vocab_rows(args.vocab_size, shard)),
     )
     if m is not None and m.expert_hidden_dim is not None:
         local.moe = dataclasses.replace(m, expert_hidden_dim=m.expert_hidden_dim // w)
     return local
 
 
+VOCAB = ("tok_embeddings.weight", "output.weight")
+
+
 def split_of(name: str) -> str | None:
-    """ "rows", "columns", or None (held whole) for a tensor of the spec."""
+    """ "rows", "columns", "vocab" (rows by vocabulary), or None (held whole) for a tensor of
+    the spec."""
+    if name in VOCAB:
+        return "vocab"
     ffn = ".feed_forward." in name
     if name.endswith(ROWS) or (ffn and name.endswith(FFN_ROWS)):
         return "rows"
@@ -105,6 +125,9 @@ def shard_tensors(
         split = split_of(name)
         if split is None:
             out[name] = t
+        elif split == "vocab":
+            rows = vocab_rows(args.vocab_size, shard)
+            out[name] = rows_of(t, rows.start, rows.stop)
         elif kv is not None and name.endswith(("attention.wk.weight", "attention.wv.weight")):
             out[name] = rows_of(t, kv.start * args.head_dim, kv.stop * args.head_dim)
         else:

@@ -46,6 +46,38 @@ def share(data: bytes, group: mx.distributed.Group) -> bytes:
     return np.array(summed).tobytes()
 
 
+def gathered(kernel: Callable | None, group: mx.distributed.Group, vocab_size: int, per: int):
+    """The output projection onto this rank's rows of the vocabulary, the ranks' logits gathered
+    in rank order (each padded to ``per``, the first ranks' share)."""
+
+    def product(x: mx.array, weight: mx.array) -> mx.array:
+        y = x @ weight.T if kernel is None else kernel(x, weight)  # (B, T, rows)
+        *lead, rows = y.shape
+        y = mx.pad(y, [(0, 0)] * len(lead) + [(0, per - rows)])
+        parts = mx.distributed.all_gather(y, group=group)  # (world * B, T, per)
+        parts = parts.reshape(group.size(), *lead, per).moveaxis(0, -2)  # (B, T, world, per)
+        return parts.reshape(*lead, group.size() * per)[..., :vocab_size]  # (B, T, V)
+
+    return product
+
+
+class VocabEmbedding(nn.Embedding):
+    """A tensor rank's rows of the embedding table (the weight's name stays): the ids outside
+    them give zeros, and the sum over the ranks every row (exact: one rank's row, the others'
+    zeros)."""
+
+    def __init__(self, rows: range, dim: int, group: mx.distributed.Group) -> None:
+        super().__init__(len(rows), dim)
+        self.start, self.rows, self.group = rows.start, len(rows), group
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        local = tokens - self.start
+        inside = (local >= 0) & (local < self.rows)  # (B, T)
+        h = self.weight[mx.clip(local, 0, self.rows - 1)]
+        h = h * inside[..., None].astype(h.dtype)  # (B, T, dim)
+        return mx.distributed.all_sum(h, group=self.group)
+
+
 class AllSummed(nn.Module):
     """A MoE layer whose output (its experts' partial sums, weighted) is summed over the ranks."""
 

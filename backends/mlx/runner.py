@@ -17,7 +17,9 @@ from backends.mlx.parallel import (
     AllSummed,
     Broadcast,
     Received,
+    VocabEmbedding,
     connect,
+    gathered,
     join,
     reduced,
     share,
@@ -27,7 +29,7 @@ from backends.mlx.quantized import arrays, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
-from mistral.parallel import REDUCED, rank_share
+from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
@@ -182,6 +184,9 @@ def build(
         local, tensors = rank_share(args, tensors, parallel, rank)
         shard, pipeline = (rank, None) if parallel == "tensor" else (None, rank)
     model = Transformer(local)  # MLX is lazy: the initial parameters are never materialized
+    if shard is not None:  # its rows of the vocabulary
+        rows = vocab_rows(args.vocab_size, shard)
+        model.tok_embeddings = VocabEmbedding(rows, args.dim, group)
     if pipeline is not None:
         stage(model, args, pipeline, dt, group)
     quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
@@ -201,6 +206,9 @@ def build(
         if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
             kernel = SplitRows(module.weight, streams) if streams else None
             module.kernel = reduced(kernel, group) if shard and name.endswith(REDUCED) else kernel
+        if shard and name == "output":  # its rows of the vocabulary: the logits gathered
+            per = len(vocab_rows(args.vocab_size, Shard(0, shard.world)))
+            module.kernel = gathered(module.kernel, group, args.vocab_size, per)
     if pipeline is not None:
         connect(model, pipeline, group)
     for block in model.layers if shard else []:  # a MoE layer's partial sums, summed once

@@ -117,6 +117,38 @@ def reduced(kernel: Callable | None) -> Callable:
     return product
 
 
+def gathered(kernel: Callable | None, vocab_size: int, per: int) -> Callable:
+    """The output projection onto this rank's rows of the vocabulary, the ranks' logits gathered
+    in rank order (each padded to ``per``, the first ranks' share)."""
+
+    def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, weight) if kernel is None else kernel(x, weight)  # (B, T, rows)
+        y = F.pad(y, (0, per - y.shape[-1])).contiguous()
+        parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, y)
+        return torch.cat(parts, dim=-1)[..., :vocab_size]  # (B, T, V)
+
+    return product
+
+
+class VocabEmbedding(nn.Embedding):
+    """A tensor rank's rows of the embedding table (the weight's name stays): the ids outside
+    them give zeros, and the sum over the ranks every row (exact: one rank's row, the others'
+    zeros)."""
+
+    def __init__(self, rows: range, dim: int) -> None:
+        super().__init__(len(rows), dim)
+        self.start = rows.start
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        inside = (local >= 0) & (local < self.num_embeddings)  # (B, T)
+        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)
+        h = h * inside[..., None].to(h.dtype)  # (B, T, dim)
+        dist.all_reduce(h)
+        return h
+
+
 class Received(nn.Module):
     """In place of the embeddings on a later pipeline rank: the previous rank's activations."""
 

@@ -16,6 +16,8 @@ from backends.torch.model import Linear, MoeLayer, Transformer
 from backends.torch.parallel import (
     Broadcast,
     Received,
+    VocabEmbedding,
+    gathered,
     join,
     peer_lost,
     reduce_output,
@@ -27,7 +29,7 @@ from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
-from mistral.parallel import REDUCED, rank_share
+from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
@@ -216,6 +218,8 @@ def build(
         shard, pipeline = (rank, None) if parallel == "tensor" else (None, rank)
     with torch.device("meta"), without_initial_weights():
         model = Transformer(local)
+        if shard is not None:  # its rows of the vocabulary
+            model.tok_embeddings = VocabEmbedding(vocab_rows(args.vocab_size, shard), args.dim)
     if pipeline is not None:
         stage(model, args, pipeline, dt)
     state = {}
@@ -234,6 +238,9 @@ def build(
     for name, module in model.named_modules():
         if isinstance(module, Linear):  # a share of the inputs: summed over the ranks
             module.kernel = reduced(kernel) if shard and name.endswith(REDUCED) else kernel
+        if shard and name == "output":  # its rows of the vocabulary: the logits gathered
+            per = len(vocab_rows(args.vocab_size, Shard(0, shard.world)))
+            module.kernel = gathered(kernel, args.vocab_size, per)
         if shard and isinstance(module, MoeLayer):  # its experts' partial sums, summed once
             module.register_forward_hook(reduce_output)
     runner = Runner(args, model, dev, dt, host)
