@@ -95,3 +95,25 @@ def test_cuda_bench_with_compile_reports_sane_numbers():
     assert report["bandwidth_bytes_s"] > 1e11  # any datacenter GPU copies faster than 100 GB/s
     assert report["matmul_flop_s"] > 1e13  # and multiplies bfloat16 faster than 10 TFLOP/s
     assert 0 < report["prefill_fraction_of_matmul"] < 1
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_cuda_keeps_quantized_codes_and_matches_cpu(tmp_path, bits):
+    """The torch backend's layers unpack and dequantize mlx-lm's codes on the device (2/4/8 bits
+    through the words' bytes, 3/5/6 through int32 words): the same bits as on the CPU."""
+    cuda_or_skip()
+    from mistral.checkpoint import write_checkpoint
+    from mistral.quant import Quantization
+
+    args = tiny("tiny-window")
+    write_checkpoint(tmp_path / "q", "mlx", args, random_weights(args, seed=4),
+                     quantize=Quantization(bits, 32))  # fmt: skip
+    rows = random_rows([45, 7, 20], args.vocab_size, 0)
+    cpu = mistral.load(tmp_path / "q", device="cpu", dtype="float32")
+    gpu = mistral.load(tmp_path / "q", device="cuda", dtype="float32")
+    assert max_diff(gpu.logits(rows), cpu.logits(rows)) <= 1e-4
+    import torch
+
+    on = {d: mistral.load(tmp_path / "q", device=d, dtype="bfloat16") for d in ("cpu", "cuda")}
+    wq = {d: m.runner.model.layers[0].attention.wq.weight_of().cpu() for d, m in on.items()}
+    assert torch.equal(wq["cpu"], wq["cuda"])  # dequantized in bfloat16, bit for bit

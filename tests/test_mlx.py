@@ -160,6 +160,32 @@ def test_moe_gathers_the_chosen_experts_without_a_host_sync_or_a_second_copy():
     assert max_diff(gathered, model.logits(rows, chunk_size=7)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_experts_are_gathered_as_codes_too(tmp_path, dtype):
+    """A 4-bit Mixtral folder (mlx-lm's switch_mlp): each layer's experts stacked as codes once
+    for mx.gather_qmm, which runs on the CPU in bfloat16 too; same logits as the loop."""
+    import mlx.core as mx
+
+    from mistral.checkpoint import read_checkpoint, write_checkpoint
+    from mistral.quant import Quantization
+
+    args = tiny("tiny-moe")
+    write_checkpoint(tmp_path, "mlx", args, random_weights(args, seed=21),
+                     quantize=Quantization(4, 32))  # fmt: skip
+    stored = sum(t.nbytes for t in read_checkpoint(tmp_path).tensors.values())
+    before = mx.get_active_memory()
+    model = mistral.load(tmp_path, backend="mlx", device="cpu", dtype=dtype)
+    # codes (scales and biases in the run's dtype), not stacked and per expert both
+    assert mx.get_active_memory() - before <= 1.25 * stored
+    moes = [block.feed_forward for block in model.runner.model.layers]
+    assert all(moe.stacked is not None for moe in moes)
+    rows = random_rows([30, 6], args.vocab_size, 9)
+    gathered = model.logits(rows, chunk_size=7)
+    for moe in moes:
+        object.__setattr__(moe, "stacked", None)  # back to the per-expert loop
+    assert max_diff(gathered, model.logits(rows, chunk_size=7)) <= 1e-5
+
+
 def test_cpu_products_use_every_core_and_give_the_same_bits(monkeypatch):
     """On Linux MLX's CPU products run on one thread; once the weights outgrow the last-level
     cache the Linear layers cut them across one stream per core (SplitRows), which must not change

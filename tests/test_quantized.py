@@ -37,6 +37,21 @@ def test_unpacking_equals_mx_dequantize_bit_for_bit(bits, dtype):
         assert t.shape == (24, 256)
         ours = dequantize(t, dtype)
         assert np.array_equal(ours, expected), (bits, group, dtype)
+        assert np.array_equal(torch_dequantized(t, dtype), expected), (bits, group, dtype)
+
+
+def torch_dequantized(t: QuantizedTensor, dtype: str) -> np.ndarray:
+    """The weight as the torch backend's quantized layers compute it from the codes they keep,
+    float32 numpy; its rows looked up as the embedding does give the same."""
+    import torch
+
+    from backends.torch.quantized import QuantizedEmbedding
+
+    layer = QuantizedEmbedding.of(t, getattr(torch, dtype), torch.device("cpu"))
+    w = layer.weight_of().float().numpy()
+    rows = torch.tensor([[3, 0], [1, 3]])
+    assert np.array_equal(layer(rows).float().numpy(), w[rows.numpy()])
+    return w
 
 
 def hf_folder(path, args, seed: int = 3):
@@ -79,6 +94,20 @@ def test_both_backends_match_mlx_lm_on_its_quantized_folder(tmp_path, bits, grou
         assert max_diff(out[backend], expected) <= 1e-4, backend
         assert max_diff(model.logits(rows, chunk_size=7), expected) <= 1e-4, backend
     assert max_diff(out["torch"], out["mlx"]) <= 1e-4
+    assert torch_bytes(model_of(folder)) <= sum(t.nbytes for t in ckpt.tensors.values())
+
+
+def model_of(folder) -> mistral.Model:
+    return mistral.load(folder, backend="torch", device="cpu", dtype="float32")
+
+
+def torch_bytes(model: mistral.Model) -> int:
+    """What the torch model holds: its parameters and buffers (a quantized weight's codes,
+    scales and biases), each storage once."""
+    module = model.runner.model
+    held = {t.untyped_storage().data_ptr(): t.nbytes for t in module.parameters()}
+    held |= {t.untyped_storage().data_ptr(): t.nbytes for t in module.buffers()}
+    return sum(held.values())
 
 
 def test_per_layer_overrides_and_a_layer_left_in_full_precision(tmp_path):
@@ -288,6 +317,7 @@ def test_float_modes_unpack_as_mx_dequantize(dtype, mode):
         Quantization(bits, group, mode),
     )
     assert np.array_equal(dequantize(t, dtype), expected)
+    assert np.array_equal(torch_dequantized(t, dtype), expected)
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import platform
 import threading
+from collections.abc import Callable
 
 import mlx.core as mx
 
 from backends.mlx.model import Linear, MoeLayer, Transformer
+from backends.mlx.quantized import QuantizedLinear
 from mistral.measure import cpu_cache_bytes, cpu_cores
+from mistral.quant import Quantization
 
 
 class SplitRows:
@@ -50,39 +53,79 @@ def cpu_streams(device: mx.Device, weight_bytes: int) -> list[mx.Stream]:
     return [mx.new_stream(mx.cpu) for _ in range(cores)] if cores > 1 else []
 
 
-def gathers(device: mx.Device, dtype: mx.Dtype) -> bool:
-    """Whether mx.gather_mm runs here in this dtype (MLX 0.32's CPU kernel is float32 only)."""
+def runs(product: Callable[[], mx.array], device: mx.Device) -> bool:
+    """Whether a small product of the kind runs here (MLX 0.32's CPU gather_mm is float32 only)."""
     try:
         with mx.stream(device):
-            w = mx.ones((2, 4, 4), dtype=dtype)
-            mx.eval(
-                mx.gather_mm(mx.ones((1, 1, 1, 4), dtype=dtype), w, rhs_indices=mx.array([[1]]))
-            )
+            mx.eval(product())
         return True
     except (RuntimeError, ValueError):
         return False
 
 
-def stack_experts(model: Transformer) -> None:
-    """Gives every MoE layer its experts' weights stacked, (E, out, in), for mx.gather_mm.
+def gathered(w: mx.array) -> Callable[[mx.array, mx.array], mx.array]:
+    """(N, 1, 1, in), the chosen (N, k) -> (N, k, 1, out): times the chosen experts' weights
+    of the stack w, (E, out, in)."""
+    w = w.swapaxes(-1, -2)  # (E, in, out)
+    return lambda x, chosen: mx.gather_mm(x, w, rhs_indices=chosen)
 
-    Each expert's own weight becomes a lazy slice of the stack that inference never evaluates,
-    so the checkpoint's names stay and the experts are held once, not twice."""
+
+def gathered_codes(
+    codes: mx.array, scales: mx.array, biases: mx.array | None, q: Quantization
+) -> Callable[[mx.array, mx.array], mx.array]:
+    """As gathered, the stacked experts held as codes, (E, out, in * bits / 32)."""
+
+    def product(x: mx.array, chosen: mx.array) -> mx.array:
+        return mx.gather_qmm(
+            x, codes, scales, biases, rhs_indices=chosen, transpose=True,
+            group_size=q.group_size, bits=q.bits, mode=q.mode,
+        )  # fmt: skip
+
+    return product
+
+
+def stack_experts(model: Transformer, device: mx.Device, dtype: mx.Dtype) -> None:
+    """Gives every MoE layer its experts' w1, w2, w3 stacked, (E, out, in), as products of the
+    chosen experts only (mx.gather_mm; mx.gather_qmm for experts held as codes, one
+    quantization for all), where they run here; the others loop over their tokens."""
     for block in model.layers:
         moe = block.feed_forward
         if not isinstance(moe, MoeLayer):
             continue
-        if not all(isinstance(e.w1, Linear) for e in moe.experts):  # quantized: they loop
-            continue
-        stacked = []
-        for name in ("w1", "w2", "w3"):
-            w = mx.stack([getattr(e, name).weight for e in moe.experts])
-            mx.eval(w)
-            for i, e in enumerate(moe.experts):
-                getattr(e, name).weight = w[i]
-            stacked.append(w)
-        # A plain attribute, not a parameter: Module.__setattr__ would register a tuple of arrays.
-        object.__setattr__(moe, "stacked", tuple(stacked))
+        products = [expert_product([getattr(e, n) for e in moe.experts], device, dtype) for n in W]
+        if all(products):
+            # A plain attribute: Module.__setattr__ would register a tuple as a child.
+            object.__setattr__(moe, "stacked", tuple(products))
+
+
+W = ("w1", "w2", "w3")
+
+
+def expert_product(layers: list, device: mx.Device, dtype: mx.Dtype) -> Callable | None:
+    """The gathered product of one projection's experts, stacked; None where they differ in
+    kind or it does not run here. Each expert's own arrays become lazy slices of the stack that
+    inference never evaluates, so the checkpoint's names stay and the experts are held once."""
+    first = layers[0]
+    if all(isinstance(m, Linear) for m in layers):
+        names, dim = ("weight",), first.weight.shape[-1]
+    elif all(isinstance(m, QuantizedLinear) and m.q == first.q for m in layers):
+        names = tuple(a for a in ("weight", "scales", "biases") if a in first)
+        dim = first.weight.shape[-1] * 32 // first.q.bits
+    else:
+        return None
+    stacks = {a: mx.stack([m[a] for m in layers]) for a in names}
+    if len(names) == 1:
+        product = gathered(stacks["weight"])
+    else:
+        product = gathered_codes(stacks["weight"], stacks["scales"], stacks.get("biases"), first.q)
+    x = mx.zeros((1, 1, 1, dim), dtype=dtype)
+    if not runs(lambda: product(x, mx.zeros((1, 1), mx.uint32)), device):
+        return None
+    mx.eval(stacks)
+    for i, m in enumerate(layers):
+        for a, stack in stacks.items():
+            m[a] = stack[i]
+    return product
 
 
 class StreamsOfThisThread:

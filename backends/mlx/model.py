@@ -225,8 +225,8 @@ class MoeLayer(nn.Module):
         self.experts = [FeedForward(args.dim, hidden) for _ in range(n)]
         shared = args.moe.num_shared_experts  # run for every token, as one wider feed-forward
         self.shared_experts = FeedForward(args.dim, hidden * shared) if shared else None
-        # The experts' w1, w2, w3 stacked, (E, out, in), once the build sets them (stack_experts).
-        self.stacked: tuple[mx.array, mx.array, mx.array] | None = None
+        # Products by the experts' w1, w2, w3 stacked, once the build sets them (stack_experts).
+        self.stacked: tuple[Callable, Callable, Callable] | None = None
         self.tap = tap
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -242,11 +242,10 @@ class MoeLayer(nn.Module):
         weights = weights.astype(x.dtype)
         if self.stacked is not None:
             # Only the chosen experts' weights are read, with no host sync (any number of rows).
-            w1, w2, w3 = (w.swapaxes(-1, -2) for w in self.stacked)  # (E, in, out)
+            w1, w2, w3 = self.stacked  # each: (x, chosen) -> x times the chosen experts' weights
             xe = mx.expand_dims(x, (-2, -3))  # (N, 1, 1, dim)
-            h = mx.gather_mm(xe, w1, rhs_indices=chosen)  # (N, k, 1, hidden)
-            h = nn.silu(h) * mx.gather_mm(xe, w3, rhs_indices=chosen)
-            out = mx.gather_mm(h, w2, rhs_indices=chosen)[:, :, 0]  # (N, k, dim)
+            h = nn.silu(w1(xe, chosen)) * w3(xe, chosen)  # (N, k, 1, hidden)
+            out = w2(h, chosen)[:, :, 0]  # (N, k, dim)
             return (out * weights[..., None]).sum(1).reshape(shape)
         out = mx.zeros_like(x)
         chosen_np = np.array(chosen)  # routing is data-dependent: one host sync per MoE layer

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.mlx.cache import LayerCache, Step
-from backends.mlx.kernels import SplitRows, cpu_streams, gathers, own_thread_streams, stack_experts
+from backends.mlx.kernels import SplitRows, cpu_streams, own_thread_streams, stack_experts
 from backends.mlx.model import Linear, MoeLayer, Transformer
 from backends.mlx.parallel import (
     AllSummed,
@@ -199,8 +199,7 @@ def build(
         state = {k: v for k, v in state.items() if not k.startswith("tok_embeddings.")}
     model.load_weights(list(state.items()), strict=True)
     mx.eval(model.parameters())
-    if gathers(dev, dt):  # MoE layers multiply by the chosen experts only, with no host sync
-        stack_experts(model)
+    stack_experts(model, dev, dt)  # MoE layers multiply by the chosen experts only, no host sync
     streams = cpu_streams(dev, linear_bytes(local, dt.size))
     for name, module in model.named_modules():
         if isinstance(module, Linear):  # a share of the inputs: summed over the ranks

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.torch.model import MoeLayer, Transformer
+from backends.torch.model import Linear, MoeLayer, Transformer
 from mistral.measure import cpu_cache_bytes
 
 
@@ -67,10 +67,11 @@ def linear_kernel(device: torch.device, dtype: torch.dtype, weight_bytes: int) -
 
 def stack_experts(model: Transformer) -> None:
     """Gives every MoE layer its experts' weights stacked, (E, out, in); each expert's own
-    parameter becomes a view of the stack, so the names stay and the memory is not doubled."""
+    parameter becomes a view of the stack, so the names stay and the memory is not doubled.
+    Experts kept as codes (backends/torch/quantized.py) are left to loop over their tokens."""
     for block in model.layers:
         moe = block.feed_forward
-        if not isinstance(moe, MoeLayer):
+        if not isinstance(moe, MoeLayer) or not isinstance(moe.experts[0].w1, Linear):
             continue
         stacked = []
         for name in ("w1", "w2", "w3"):

@@ -25,6 +25,7 @@ from backends.torch.parallel import (
     share,
     stage,
 )
+from backends.torch.quantized import QuantizedLinear, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
@@ -222,12 +223,15 @@ def build(
             model.tok_embeddings = VocabEmbedding(vocab_rows(args.vocab_size, shard), args.dim)
     if pipeline is not None:
         stage(model, args, pipeline, dt)
+    codes = {k: t for k, t in tensors.items() if isinstance(t, QuantizedTensor)}
+    taken = quantize_modules(model, codes, args.tied_embeddings, dt, dev)  # kept as codes
     state = {}
-    for k, t in tensors.items():  # quantized weights: dequantized in the run's dtype (mx's bits)
+    for k, t in tensors.items():  # other quantized weights: dequantized in the run's dtype
         kept = torch.float32 if k.endswith(FLOAT32_KEYS) else dt
-        state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, kept)
-    if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
-        state["output.weight"] = state["tok_embeddings.weight"]
+        if k not in taken:
+            state[k] = from_raw(dequantized(t, dtype_name(dt))).to(dev, kept)
+    if args.tied_embeddings and not isinstance(model.output, Broadcast | QuantizedLinear):
+        state["output.weight"] = state["tok_embeddings.weight"]  # one table, two uses
     if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's
         state.pop("tok_embeddings.weight", None)
     model.load_state_dict(state, strict=True, assign=True)

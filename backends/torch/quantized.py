@@ -1,0 +1,161 @@
+"""Layers whose weights stay mlx-lm's packed codes in PyTorch, put in place of a built
+Transformer's Linear and Embedding modules by name, from outside the forward: a layer unpacks and
+dequantizes its weight where it runs (bit for bit mx.dequantize, as mistral/quant.py computes
+it), so a 4-bit model holds about a quarter of its bfloat16 bytes. On CUDA the build compiles the
+dequantization (one fused kernel per weight) ahead of the product."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.torch.model import Linear, Router
+from mistral.fp8 import E4M3
+from mistral.quant import FP4, Quantization, QuantizedTensor
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., W) int32 holding uint32 words -> (..., W * 32 / bits) codes, least significant
+    bits first: uint8 from the words' bytes for 2, 4 and 8 bits; int32 for 3, 5 and 6, where
+    every ``bits`` words hold 32 codes, some across two words (3 bits: code 10 is bits 30..31 of
+    word 0 and bit 0 of word 1)."""
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # whole codes in every byte (the words are little-endian)
+        octets = words.view(torch.uint8)  # (..., 4W)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
+        return ((octets[..., None] >> shifts) & mask).flatten(-2)
+    start = np.arange(32) * bits  # each code's first bit within its block of `bits` words
+    word, shift = start // 32, start % 32
+    across = shift + bits > 32
+    # int32 shifts right are arithmetic: a code across two words keeps only its low part's bits
+    low_mask = np.where(across, (1 << (32 - shift)) - 1, -1)
+    high_shift = np.where(across, 32 - shift, 0)
+    table = {"word": word, "shift": shift, "low_mask": low_mask, "high_shift": high_shift}
+    t = {k: torch.tensor(v, dtype=torch.int32, device=words.device) for k, v in table.items()}
+    blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
+    low = (blocks[..., t["word"].long()] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
+    nxt = (t["word"] + 1).clamp(max=bits - 1).long()
+    high = torch.where(torch.from_numpy(across).to(words.device), blocks[..., nxt], 0)
+    return ((low | (high << t["high_shift"])) & mask).flatten(-2)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    q: Quantization,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(..., n) int32 codes with their (..., n / group_size) scales (and biases) -> (..., n) in
+    ``dtype``. Affine: code * scale, then + bias, each rounded to the dtype as MLX rounds them;
+    the float modes: exact in float32 (a few significant bits times a power of two or an E4M3
+    scale), then rounded."""
+    groups = codes.unflatten(-1, (-1, q.group_size))  # (..., n / g, g)
+    if biases is not None:
+        w = groups.to(dtype) * scales[..., None].to(dtype) + biases[..., None].to(dtype)
+        return w.flatten(-2)
+    values = torch.from_numpy(E4M3 if q.mode == "mxfp8" else FP4).to(codes.device)
+    if q.mode == "nvfp4":
+        scale = torch.from_numpy(E4M3).to(codes.device)[scales.int()]
+    else:  # a uint8 exponent e: 2^(e - 127), as float32 bits; e = 0 is 2^-127, subnormal
+        e = scales.to(torch.int32)
+        scale = torch.where(e == 0, 1 << 22, e << 23).view(torch.float32)
+    return (values[groups.int()] * scale[..., None]).flatten(-2).to(dtype)
+
+
+ROWS_AT_ONCE = 4096  # output rows dequantized at once: 4096 x 4096 in bfloat16 is 32 MiB
+
+
+class QuantizedLinear(nn.Module):
+    """x @ W.T with W held as codes, scales and biases, dequantized at each call."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,  # (out, in * bits / 32) int32 holding the uint32 words
+        scales: torch.Tensor,
+        biases: torch.Tensor | None,
+        q: Quantization,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.q, self.dtype = q, dtype
+        # Not in the state dict: the checkpoint's names hold the weight these stand for.
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("biases", biases, persistent=False)
+        self.dequantize: Callable = dequantize  # the build may compile it (CUDA)
+
+    @classmethod
+    def of(cls, t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> QuantizedLinear:
+        codes = torch.from_numpy(np.array(t.packed.data).view(np.int32))  # a writable copy
+        scales = from_stored(t.scales.data, t.scales.dtype)
+        biases = None if t.biases is None else from_stored(t.biases.data, t.biases.dtype)
+        biases = None if biases is None else biases.to(device)
+        return cls(codes.to(device), scales.to(device), biases, t.q, dtype)
+
+    def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The dequantized weight's ``rows``, (out, in) for all of them."""
+        biases = None if self.biases is None else self.biases[rows]
+        codes = unpack(self.codes[rows], self.q.bits)
+        return self.dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In blocks of output rows, so that only a block is ever dequantized at once."""
+        n = len(self.codes)
+        blocks = [slice(i, min(i + ROWS_AT_ONCE, n)) for i in range(0, n, ROWS_AT_ONCE)]
+        return torch.cat([F.linear(x, self.weight_of(rows)) for rows in blocks], dim=-1)
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """Rows of a quantized table, dequantized as they are looked up."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_of(ids)  # (B, T, dim)
+
+
+def from_stored(data: np.ndarray, dtype: str) -> torch.Tensor:
+    data = np.array(data)  # a writable copy of the (memory-mapped) scales or biases
+    if dtype == "bfloat16":
+        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(data)
+
+
+def kept_as_codes(name: str, module: nn.Module | None) -> bool:
+    """Whether a quantized weight stays codes: a plain projection or the embedding table. The
+    others are dequantized at load: a MoE gate (small, its bias beside it), latent attention's
+    wkv_b (the absorbed decode reads the weight itself), a pipeline rank's stand-ins."""
+    projection = isinstance(module, Linear) and not isinstance(module, Router)
+    return (projection or isinstance(module, nn.Embedding)) and not name.endswith("wkv_b")
+
+
+def quantize_modules(
+    model: nn.Module,
+    tensors: Mapping[str, QuantizedTensor],
+    tied: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> set[str]:
+    """Each module whose weight is one of ``tensors`` and stays codes (kept_as_codes) becomes
+    its quantized twin (the output projection of tied embeddings shares the table's codes); the
+    names of the weights they took."""
+    modules = dict(model.named_modules())
+    taken = set()
+    for key, t in tensors.items():
+        path = key.removesuffix(".weight")
+        if not kept_as_codes(path, modules.get(path)):
+            continue
+        *parents, name = path.split(".")
+        twin = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
+        module = twin.of(t, dtype, device)
+        setattr(model.get_submodule(".".join(parents)), name, module)
+        taken.add(key)
+        if name == "tok_embeddings" and tied and kept_as_codes("output", model.output):
+            model.output = QuantizedLinear(
+                module.codes, module.scales, module.biases, module.q, dtype
+            )
+            taken.add("output.weight")
+    return taken
