@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mistral import hf_latent, quant
+from mistral import absorbed, hf_latent, quant
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor, gather_fp8
@@ -159,6 +159,8 @@ def tensors_from_hf(
     folder (``multimodal``), the text decoder's; of an mlx-lm quantized folder (its config's
     ``quantization``), each packed weight with its scales and biases as one QuantizedTensor."""
     tensors = unstack_experts(tensors, source)  # codes and their scales alike
+    if args.mla:  # mlx-lm's deepseek_v3 and mistral4 hold kv_b_proj as two halves
+        tensors = absorbed.join_halves(args, tensors, quantization, source)
     if fp8 is not None:  # Hugging Face's FP8: e4m3 codes with a weight_scale_inv per block
         tensors = gather_fp8(tensors, fp8, source)
     elif quantization is not None:  # mlx-lm's, its per-layer choices for each expert too
@@ -193,10 +195,18 @@ def tensors_from_hf(
     return out
 
 
+# mlx-lm's experts stacked per layer: Mixtral's (its experts named w1, w2, w3) and DeepSeekMoE's
 _SWITCH = re.compile(
-    r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)\.(weight|scales|biases)$"
+    r"(model\.layers\.\d+\.(block_sparse_moe|mlp)\.)switch_mlp\.(\w+)\.(weight|scales|biases)$"
 )
 _SWITCH_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def expert_name(block: str, projection: str) -> str:
+    """An expert's projection under transformers' name: w1/w2/w3 in a Mixtral."""
+    return _SWITCH_NAMES[projection] if block == "block_sparse_moe" else projection
+
+
 # transformers' mistral4 writes each layer's experts fused: gate_up_proj (E, 2 hidden, dim),
 # gate rows first, and down_proj (E, dim, hidden); in FP8 with one scale per expert (E, 1, 1)
 # and static input scales (E,) beside them (under a mistral3 folder's prefix too).
@@ -229,10 +239,11 @@ def unstack_experts(tensors: Mapping[str, RawTensor], source: str) -> dict[str, 
                 out[f"{prefix}{e}.up_proj{suffix}"] = RawTensor(t.dtype, up)
             continue
         match = _SWITCH.match(name)
-        if match is None or match.group(2) not in _SWITCH_NAMES:
-            out[name] = t
+        if match is None or match.group(3) not in _SWITCH_NAMES or len(t.shape) != 3:
+            out[name] = t  # (named as unexpected)
             continue
-        prefix, w, part = match.group(1), _SWITCH_NAMES[match.group(2)], match.group(3)
+        prefix, block, projection, part = match.groups()
+        w = expert_name(block, projection)
         for e in range(t.shape[0]):  # (quantized: codes, scales and biases alike)
             out[f"{prefix}experts.{e}.{w}.{part}"] = RawTensor(t.dtype, t.data[e])
     return out
@@ -262,9 +273,9 @@ def unstack_layers(layers: dict[str, Any], n_experts: int) -> dict[str, Any]:
     """mlx-lm's per-layer quantization keyed by module path, a switch_mlp's for each expert."""
     out = dict(layers)
     for path, q in layers.items():
-        match = re.match(r"(model\.layers\.\d+\.block_sparse_moe\.)switch_mlp\.(\w+)$", path)
-        if match and match.group(2) in _SWITCH_NAMES:
-            w = _SWITCH_NAMES[match.group(2)]
+        match = re.match(r"(model\.layers\.\d+\.(block_sparse_moe|mlp)\.)switch_mlp\.(\w+)$", path)
+        if match and match.group(3) in _SWITCH_NAMES:
+            w = expert_name(match.group(2), match.group(3))
             out |= {f"{match.group(1)}experts.{e}.{w}": q for e in range(n_experts)}
     return out
 

@@ -335,3 +335,58 @@ def test_info_and_convert_on_a_latent_folder(case, tmp_path):
     back = mistral.load(tmp_path / "h", device="cpu", dtype="float32")
     rows = random_rows([3 * ORIGINAL], back.args.vocab_size, 8)
     assert max_diff(back.logits(rows), hf_logits(model, rows)) <= 1e-4
+
+
+# A latent shape whose every input dimension groups by 32, so that mlx-lm quantizes every layer
+QUANTIZABLE = dict(dim=128, head_dim=48, hidden_dim=128, n_heads=4, n_kv_heads=4, q_lora_rank=64,
+                   kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                   v_head_dim=32)  # fmt: skip
+
+
+def quantizable(kind: str) -> mistral.ModelArgs:
+    """tiny-latent in QUANTIZABLE's shape, routed as transformers' type ``kind`` routes."""
+    import dataclasses
+
+    from tests.helpers import tiny
+
+    base = tiny("tiny-latent")
+    moe = dataclasses.replace(base.moe, expert_hidden_dim=64, norm_topk_prob=kind != "deepseek_v2")
+    moe.group_scoring = "max" if kind == "deepseek_v2" else "top2"
+    moe.scoring_func = "sigmoid" if kind == "deepseek_v3" else "softmax"
+    shape = dict(QUANTIZABLE, q_lora_rank=None if kind == "deepseek_v2" else 64)
+    scaling = base.llama_4_scaling if kind == "mistral4" else None
+    return dataclasses.replace(base, **shape, moe=moe, llama_4_scaling=scaling)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("kind", hf_latent.TYPES)
+def test_mlx_lm_s_converted_folders_load_on_both_backends(tmp_path, kind, quantize):
+    """What mlx-lm's convert writes of each type, in float32 and at 4 bits: deepseek_v3's and
+    mistral4's kv_b_proj as the halves embed_q and unembed_out (codes per head, joined back),
+    deepseek_v2's as it is (its codes dequantized at load, as the absorbed decode reads it), the
+    experts stacked as switch_mlp. Both backends give mlx-lm's logits."""
+    from mlx_lm import load
+    from mlx_lm.convert import convert
+
+    from tests.helpers import mlx_lm_logits
+    from tests.test_quantized import hf_folder
+
+    args = quantizable(kind)
+    src = hf_folder(tmp_path / "hf", args)
+    config = json.loads((src / "config.json").read_text())
+    assert config["model_type"] == kind
+    config["rope_scaling"] = config["rope_parameters"]  # where mlx-lm's deepseek types read YaRN
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "mlx"
+    convert(str(src), str(out), quantize=quantize, q_bits=4, q_group_size=32, dtype="float32")
+    names = set(read_tensors(out / "model.safetensors"))
+    halves = "model.layers.0.self_attn.embed_q.weight" in names
+    assert (
+        halves == (kind != "deepseek_v2")
+        and "model.layers.1.mlp.switch_mlp.up_proj.weight" in names
+    )
+    rows = random_rows([5 * ORIGINAL + 3, 9], args.vocab_size, 5)
+    expected = mlx_lm_logits(load(str(out))[0], rows)
+    for backend in contract.BACKENDS:
+        ours = mistral.load(out, backend=backend, device="cpu", dtype="float32")
+        assert max_diff(ours.logits(rows), expected) <= 1e-4, backend

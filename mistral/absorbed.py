@@ -1,0 +1,89 @@
+"""mlx-lm's absorbed form of latent attention's kv_b_proj: two per-head halves, read and written.
+
+mlx-lm's deepseek_v3 and mistral4 (and so the folders its convert writes) hold kv_b_proj, (H *
+(nope + v), rank), as ``embed_q``, (H, rank, nope): each head's key rows transposed, and
+``unembed_out``, (H, v, rank): its value rows, each quantized along its last axis when the folder
+is. E.g. 4 heads, nope 32, v 32, rank 64: kv_b_proj is (256, 64); head 1's rows 64..95 are
+embed_q[1].T and rows 96..127 unembed_out[1]. mlx-lm's deepseek_v2 keeps kv_b_proj as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from mistral import quant
+from mistral.args import ModelArgs
+from mistral.errors import MistralError
+from mistral.weights import RawTensor, from_numpy
+
+HALVES = ("embed_q", "unembed_out")
+_KEY_HALF = re.compile(r"(.*\.self_attn\.)embed_q\.weight$")
+_KV_B = re.compile(r"(.*\.self_attn\.)kv_b_proj\.weight$")
+
+
+def join_halves(
+    args: ModelArgs, tensors: dict[str, RawTensor], quantization: dict[str, Any] | None, source: str
+) -> dict[str, RawTensor]:
+    """Each layer's embed_q and unembed_out as its kv_b_proj, in the halves' dtype (codes
+    dequantized as mx.dequantize does, in their scales' dtype); other tensors as they are."""
+    out = dict(tensors)
+    for name in tensors:
+        match = _KEY_HALF.match(name)
+        if match is None:
+            continue
+        prefix = match.group(1)
+        (k, k_dtype), (v, v_dtype) = (half(out, prefix + h, quantization, source) for h in HALVES)
+        H, rank, nope, v_dim = (
+            args.n_heads,
+            args.kv_lora_rank,
+            args.qk_nope_head_dim,
+            args.v_head_dim,
+        )
+        if k.shape != (H, rank, nope) or v.shape != (H, v_dim, rank) or k_dtype != v_dtype:
+            raise MistralError(
+                f"{source}: {prefix}embed_q {k.shape} and unembed_out {v.shape} are not the "
+                f"halves of a kv_b_proj of {H} heads, rank {rank}, {nope} + {v_dim} per head"
+            )
+        kv = np.concatenate([k.swapaxes(1, 2), v], axis=1)  # (H, nope + v, rank)
+        out[prefix + "kv_b_proj.weight"] = from_numpy(kv.reshape(-1, rank), k_dtype)
+    return out
+
+
+def half(
+    tensors: dict[str, RawTensor], module: str, quantization: dict[str, Any] | None, source: str
+) -> tuple[np.ndarray, str]:
+    """One half, taken out of ``tensors``: float32 values (H, a, b) and the dtype they hold."""
+    parts = {p: tensors.pop(f"{module}.{p}", None) for p in ("weight", "scales", "biases")}
+    w = parts["weight"]
+    if w is None or len(w.shape) != 3:
+        raise MistralError(f"{source}: {module}.weight is missing or not one matrix per head")
+    if parts["scales"] is None:
+        return w.to_numpy(), w.dtype
+    if quantization is None:
+        raise MistralError(f"{source}: {module}.scales but the config has no quantization block")
+    flat = {f"{module}.{p}": RawTensor(t.dtype, t.data.reshape(-1, t.shape[-1]))
+            for p, t in parts.items() if t is not None}  # fmt: skip
+    if any(t.shape[0] != w.shape[0] * w.shape[1] for t in flat.values()):
+        raise MistralError(f"{source}: {module}'s codes, scales and biases differ in shape")
+    default, layers = quant.config_quantization(quantization, source)
+    qt = quant.gather(flat, default, layers, source)[f"{module}.weight"]
+    return quant.dequantize(qt, qt.dtype).reshape(*w.shape[:2], -1), qt.dtype
+
+
+def split_halves(args: ModelArgs, name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A kv_b_proj (H * (nope + v), rank) under ``name`` as mlx-lm's two halves (any other
+    tensor as it is)."""
+    match = _KV_B.match(name)
+    if match is None:
+        return [(name, w)]
+    H, nope = args.n_heads, args.qk_nope_head_dim
+    w = w.reshape(H, nope + args.v_head_dim, -1)
+    key = np.ascontiguousarray(w[:, :nope].swapaxes(1, 2))  # (H, rank, nope)
+    value = np.ascontiguousarray(w[:, nope:])  # (H, v, rank)
+    return [
+        (match.group(1) + "embed_q.weight", key),
+        (match.group(1) + "unembed_out.weight", value),
+    ]
