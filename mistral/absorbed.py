@@ -10,6 +10,7 @@ embed_q[1].T and rows 96..127 unembed_out[1]. mlx-lm's deepseek_v2 keeps kv_b_pr
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from mistral import quant
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
-from mistral.weights import RawTensor, from_numpy
+from mistral.weights import RawTensor, from_numpy, nbytes_of
 
 HALVES = ("embed_q", "unembed_out")
 _KEY_HALF = re.compile(r"(.*\.self_attn\.)embed_q\.weight$")
@@ -73,17 +74,48 @@ def half(
     return quant.dequantize(qt, qt.dtype).reshape(*w.shape[:2], -1), qt.dtype
 
 
-def split_halves(args: ModelArgs, name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """A kv_b_proj (H * (nope + v), rank) under ``name`` as mlx-lm's two halves (any other
-    tensor as it is)."""
-    match = _KV_B.match(name)
-    if match is None:
-        return [(name, w)]
-    H, nope = args.n_heads, args.qk_nope_head_dim
-    w = w.reshape(H, nope + args.v_head_dim, -1)
-    key = np.ascontiguousarray(w[:, :nope].swapaxes(1, 2))  # (H, rank, nope)
-    value = np.ascontiguousarray(w[:, nope:])  # (H, v, rank)
-    return [
-        (match.group(1) + "embed_q.weight", key),
-        (match.group(1) + "unembed_out.weight", value),
-    ]
+def split_halves(args: ModelArgs, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Each kv_b_proj (H * (nope + v), rank) as mlx-lm's two halves, made when written."""
+    out: list[tuple[str, Any]] = []
+    for name, t in items:
+        match = _KV_B.match(name)
+        if match is None:
+            out.append((name, t))
+            continue
+        for key, h in enumerate(HALVES):
+            out.append((match.group(1) + h + ".weight", Half(args, t, key == 0)))
+    return out
+
+
+@dataclass
+class Half:
+    """embed_q (``key``: H, rank, nope) or unembed_out (H, v, rank) of a kv_b_proj."""
+
+    args: ModelArgs
+    kv_b: Any  # a RawTensor (H * (nope + v), rank)
+    key: bool
+
+    @property
+    def dtype(self) -> str:
+        return self.kv_b.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        a = self.args
+        if self.key:
+            return (a.n_heads, a.kv_lora_rank, a.qk_nope_head_dim)
+        return (a.n_heads, a.v_head_dim, a.kv_lora_rank)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.shape, self.dtype)
+
+    @property
+    def data(self) -> np.ndarray:
+        a = self.args
+        w = self.kv_b.data.reshape(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, -1)
+        half = w[:, : a.qk_nope_head_dim].swapaxes(1, 2) if self.key else w[:, a.qk_nope_head_dim :]
+        return np.ascontiguousarray(half)
+
+    def to_numpy(self) -> np.ndarray:
+        return RawTensor(self.dtype, self.data).to_numpy()

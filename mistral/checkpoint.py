@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral import hf, hf_config, hub, quant
+from mistral import absorbed, hf, hf_config, hub, quant
 from mistral.args import VISION_KEYS, ModelArgs
 from mistral.errors import MistralError
 from mistral.files import inside, present, read_json
@@ -265,11 +265,14 @@ def write_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     out_dtype = dtype or next(iter(tensors.values())).dtype
-    if quantize is not None and (fmt != "mlx" or args.mla):
-        raise MistralError("--quantize writes mlx-lm's layout (--to mlx), not latent attention yet")
+    if quantize is not None and fmt != "mlx":
+        raise MistralError("--quantize writes mlx-lm's layout (--to mlx)")
     if fmt in ("hf", "mlx"):  # mlx-lm reads (and writes) Hugging Face's layout
         config = hf_config.config_from_args(args, out_dtype)
-        named = list(hf.tensors_to_hf(args, tensors).items())
+        deepseek = config["model_type"] in ("deepseek_v2", "deepseek_v3")
+        if fmt == "mlx" and deepseek and "rope_parameters" in config:
+            config["rope_scaling"] = config["rope_parameters"]  # where mlx-lm reads YaRN
+        named = list(hf.tensors_to_hf(args, tensors, fused=quantize is None).items())
         if quantize is not None:  # cast first, then quantized, as mlx-lm's convert does
             block = {
                 "group_size": quantize.group_size,
@@ -277,9 +280,13 @@ def write_checkpoint(
                 "mode": quantize.mode,
             }
             config |= {"quantization": block, "quantization_config": block}
-            if args.moe:  # mlx-lm quantizes a Mixtral's experts stacked (switch_mlp)
+            if args.moe:  # mlx-lm quantizes a layer's experts stacked (switch_mlp)
                 named = hf.stack_experts(args, named)
-            named = quant.quantized_items(named, quantize, dtype)
+            kind = config["model_type"]
+            if kind in ("deepseek_v3", "mistral4"):  # kv_b_proj as two halves (mlx-lm's sanitize)
+                named = absorbed.split_halves(args, named)
+            whole = (".mlp.gate.weight",) if kind in ("deepseek_v2", "deepseek_v3") else ()
+            named = quant.quantized_items(named, quantize, dtype, whole)
             dtype = None
         (path / "config.json").write_text(json.dumps(config, indent=2))
         shards = _shard(named, dtype)

@@ -250,23 +250,27 @@ def unstack_experts(tensors: Mapping[str, RawTensor], source: str) -> dict[str, 
 
 
 def stack_experts(args: ModelArgs, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """A Mixtral's experts stacked per layer as mlx-lm's switch_mlp, (E, out, in), in the place
-    of its first expert (the order mlx-lm writes them in)."""
+    """Each layer's experts stacked as mlx-lm's switch_mlp, (E, out, in), in the place of its
+    first expert (the order mlx-lm writes them in): Mixtral's and DeepSeekMoE's."""
     assert args.moe is not None
     names = {v: k for k, v in _SWITCH_NAMES.items()}  # w1 -> gate_proj
     tensors, out = dict(items), []
     n = args.moe.num_experts
     for name, t in items:
-        match = re.match(
-            r"(model\.layers\.\d+\.block_sparse_moe\.)experts\.(\d+)\.(w[123])\.weight$", name
-        )
+        match = _EXPERT.match(name)
         if match is None:
             out.append((name, t))
         elif match.group(2) == "0":
             p, w = match.group(1), match.group(3)
             parts = tuple((tensors[f"{p}experts.{e}.{w}.weight"],) for e in range(n))
-            out.append((f"{p}switch_mlp.{names[w]}.weight", StackedTensor(t.dtype, parts)))
+            out.append((f"{p}switch_mlp.{names.get(w, w)}.weight", StackedTensor(t.dtype, parts)))
     return out
+
+
+_EXPERT = re.compile(
+    r"(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.)experts\.(\d+)\."
+    r"(w[123]|gate_proj|down_proj|up_proj)\.weight$"
+)
 
 
 def unstack_layers(layers: dict[str, Any], n_experts: int) -> dict[str, Any]:
@@ -280,8 +284,11 @@ def unstack_layers(layers: dict[str, Any], n_experts: int) -> dict[str, Any]:
     return out
 
 
-def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
-    """Checkpoint keys to HF names, permuting wq/wk rows into half order (lazily)."""
+def tensors_to_hf(
+    args: ModelArgs, tensors: Mapping[str, RawTensor], fused: bool = True
+) -> dict[str, RawTensor]:
+    """Checkpoint keys to HF names, permuting wq/wk rows into half order (lazily); a mistral4's
+    experts fused as transformers reads them, unless not ``fused`` (one by one, for stacking)."""
     out = {}
     for key, t in tensors.items():
         if args.mla:
@@ -294,7 +301,8 @@ def tensors_to_hf(args: ModelArgs, tensors: Mapping[str, RawTensor]) -> dict[str
         if name is None:
             raise MistralError(f"{key} has no Hugging Face name: not a tensor of the spec")
         out[name] = t
-    return fuse_experts(args, out) if args.mla and hf_latent.model_type(args) == "mistral4" else out
+    mistral4 = args.mla and hf_latent.model_type(args) == "mistral4"
+    return fuse_experts(args, out) if mistral4 and fused else out
 
 
 def fuse_experts(args: ModelArgs, tensors: dict[str, RawTensor]) -> dict[str, Any]:

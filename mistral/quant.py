@@ -258,6 +258,9 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return raw.view("<u4").astype(np.uint32)
 
 
+HALVES = (".embed_q.weight", ".unembed_out.weight")  # mistral/absorbed.py
+
+
 @dataclass
 class Deferred:
     """A tensor made when it is written (one at a time, so a conversion holds about one
@@ -277,11 +280,16 @@ class Deferred:
 
 
 def quantized_items(
-    items: list[tuple[str, RawTensor]], q: Quantization, dtype: str | None
+    items: list[tuple[str, RawTensor]],
+    q: Quantization,
+    dtype: str | None,
+    whole: tuple[str, ...] = (),
 ) -> list[tuple[str, Deferred]]:
     """Hugging Face-named tensors, cast to ``dtype`` (None: as they are), with every weight of a
-    Linear or Embedding whose inputs split into groups (2-D, as mlx-lm's quantize chooses them)
-    as codes, scales and biases; each computed as it is written."""
+    Linear or Embedding whose inputs split into groups (2-D, as mlx-lm's quantize chooses them;
+    3-D: stacked experts, latent attention's per-head halves) as codes, scales and biases, each
+    computed as it is written; names ending in ``whole`` (modules mlx-lm does not quantize, such
+    as DeepSeek's gate) as they are."""
     out: list[tuple[str, Deferred]] = []
     made: dict[str, tuple[np.ndarray, RawTensor, RawTensor]] = {}
 
@@ -304,9 +312,10 @@ def quantized_items(
 
     for name, t in items:
         kind = dtype or t.dtype
-        stacked = len(t.shape) == 3 and ".switch_mlp." in name  # a Mixtral layer's experts
-        matrix = len(t.shape) == 2 or stacked
-        if not matrix or t.shape[-1] % q.group_size or not name.endswith(".weight"):
+        stacked = ".switch_mlp." in name or name.endswith(HALVES)  # one matrix per expert, head
+        matrix = len(t.shape) == 2 or (len(t.shape) == 3 and stacked)
+        kept = not matrix or name.endswith(whole) or not name.endswith(".weight")
+        if kept or t.shape[-1] % q.group_size:
             out.append((name, Deferred(kind, t.shape, lambda t=t: cast(t, dtype).data)))
             continue
         *lead, n = t.shape  # (out, in), or (experts, out, in): groups run along each row alike

@@ -609,10 +609,9 @@ def test_fused_experts_of_the_wrong_shape_are_named(tmp_path, shape):
     assert "\n" not in str(e.value)
 
 
-def test_a_quantized_wkv_b_is_dequantized_at_load_on_both_backends(tmp_path):
+def test_a_quantized_wkv_b_is_dequantized_at_load_on_both_backends():
     """The absorbed decode reads wkv_b's weight itself: its codes (as mlx-lm's deepseek_v2
-    folders hold them) are dequantized at load on both backends, which then agree; --quantize
-    does not write latent attention yet."""
+    folders hold them) are dequantized at load on both backends, which then agree."""
     import dataclasses
 
     from mistral.quant import Quantization, QuantizedTensor, quantize
@@ -627,8 +626,6 @@ def test_a_quantized_wkv_b_is_dequantized_at_load_on_both_backends(tmp_path):
     logits = [mistral.from_tensors(args, tensors, b, "cpu", "float32").logits([[1, 2, 3]])
               for b in ("torch", "mlx")]  # fmt: skip
     assert np.abs(logits[0][0] - logits[1][0]).max() <= 1e-5
-    with pytest.raises(MistralError, match="not latent attention"):
-        write_checkpoint(tmp_path / "q", "mlx", args, random_weights(args), quantize=q)
 
 
 def test_float8_codes_without_a_quantization_block_are_refused(tmp_path):

@@ -390,3 +390,40 @@ def test_mlx_lm_s_converted_folders_load_on_both_backends(tmp_path, kind, quanti
     for backend in contract.BACKENDS:
         ours = mistral.load(out, backend=backend, device="cpu", dtype="float32")
         assert max_diff(ours.logits(rows), expected) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("kind", hf_latent.TYPES)
+def test_convert_quantize_of_latent_attention_writes_what_mlx_lm_writes(tmp_path, kind):
+    """--to mlx --quantize of each type, tensor for tensor what mlx-lm's convert writes: the
+    experts stacked (switch_mlp), deepseek_v3's and mistral4's kv_b_proj as its per-head halves
+    quantized along their last axis, DeepSeek's gate left whole (mistral4's quantized); mlx-lm
+    and both backends then give the same logits."""
+    from mlx_lm import load
+    from mlx_lm.convert import convert
+
+    from mistral.quant import Quantization
+    from tests.helpers import mlx_lm_logits
+    from tests.test_quantized import hf_folder
+
+    src = hf_folder(tmp_path / "hf", quantizable(kind))
+    config = json.loads((src / "config.json").read_text())
+    config["rope_scaling"] = config["rope_parameters"]  # where mlx-lm's deepseek types read YaRN
+    (src / "config.json").write_text(json.dumps(config))
+    ckpt = read_checkpoint(src)
+    ours = tmp_path / "ours"
+    write_checkpoint(ours, "mlx", ckpt.args, ckpt.tensors, quantize=Quantization(4, 32))
+    for f in src.glob("tokenizer*.json"):  # which mlx_lm.load needs
+        (ours / f.name).write_bytes(f.read_bytes())
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_bits=4, q_group_size=32)
+    written = read_tensors(ours / "model.safetensors")
+    theirs = read_tensors(tmp_path / "theirs" / "model.safetensors")
+    assert set(written) == set(theirs)
+    assert ("model.layers.1.mlp.gate.scales" in written) == (kind == "mistral4")
+    for name, t in written.items():
+        assert t.dtype == theirs[name].dtype and np.array_equal(t.data, theirs[name].data), name
+    rows = random_rows([5 * ORIGINAL + 3, 9], ckpt.args.vocab_size, 5)
+    expected = mlx_lm_logits(load(str(tmp_path / "theirs"))[0], rows)
+    assert max_diff(mlx_lm_logits(load(str(ours))[0], rows), expected) == 0
+    for backend in contract.BACKENDS:
+        model = mistral.load(ours, backend=backend, device="cpu", dtype="float32")
+        assert max_diff(model.logits(rows), expected) <= 1e-4, backend
