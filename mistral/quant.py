@@ -228,26 +228,54 @@ def quantize(w: np.ndarray, dtype: str, q: Quantization) -> tuple[np.ndarray, Ra
     return pack(codes, bits), from_numpy(scale, dtype), from_numpy(bias, dtype)
 
 
-def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, RawTensor]:
-    """(out, in) values (as float32) -> packed E2M1 codes and uint8 exponents, bit for bit as
-    mx.quantize(mode="mxfp4"): per group of 32 the scale is 2^ceil(log2(max|w| / 6)) (an
-    all-zero group: 1), each w / scale goes to the E2M1 value nearest it, a tie to the smaller
-    magnitude, and a value that rounds to zero is +0."""
+def quantize_float(
+    w: np.ndarray, mode: str, dtype: str = "float32"
+) -> tuple[np.ndarray, RawTensor]:
+    """(out, in) values (as float32) -> packed codes and uint8 scales of a float mode, bit for
+    bit as mx.quantize: per group, the scale of mxfp4 is 2^ceil(log2(max|w| / 6)) and of mxfp8
+    2^ceil(log2(max|w| / 448)) (an all-zero group: 1), stored as its exponent + 127; of nvfp4,
+    max|w| / 6 rounded to an E4M3 value. Each w / scale then goes to the nearest E2M1 value, a
+    tie to the smaller magnitude and a value that rounds to zero +0 (mxfp4, nvfp4), or to the
+    nearest E4M3 value, ties to even (mxfp8)."""
+    _, g = FLOAT_MODES[mode]
     out, n = w.shape
-    if n % 32:
-        raise MistralError(f"{n} inputs do not split into groups of 32")
-    groups = w.astype(np.float32).reshape(out, n // 32, 32)
-    amax = np.abs(groups).max(-1)
-    with np.errstate(divide="ignore"):
-        exponent = np.ceil(np.log2(amax / np.float32(6)))
-    exponents = np.where(amax > 0, np.clip(exponent, -127, 127) + 127, 127).astype(np.uint8)
-    scale = np.ldexp(np.float32(1), exponents.astype(np.int32) - 127).astype(np.float32)
-    x = groups / scale[..., None]
+    if n % g:
+        raise MistralError(f"{n} inputs do not split into groups of {g}")
+    groups = w.astype(np.float32).reshape(out, n // g, g)
+    # max|w| over the largest code, computed in the weights' dtype (float16 may underflow to 0)
+    ratio = rounded(np.abs(groups).max(-1) / np.float32(448 if mode == "mxfp8" else 6), dtype)
+    if mode == "nvfp4":
+        scales = e4m3_codes(ratio)
+        scale = E4M3[scales]
+    else:
+        with np.errstate(divide="ignore"):
+            exponent = np.ceil(np.log2(ratio))
+        scales = np.where(ratio > 0, np.clip(exponent, -127, 127) + 127, 127).astype(np.uint8)
+        scale = np.ldexp(np.float32(1), scales.astype(np.int32) - 127).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(scale[..., None] > 0, groups / scale[..., None], np.float32(0))
+    if mode == "mxfp8":
+        return pack(e4m3_codes(x).reshape(out, n).astype(np.uint32), 8), RawTensor("uint8", scales)
     a = np.abs(x)
     edges = [5.0, 3.5, 2.5, 1.75, 1.25, 0.75, 0.25]  # midpoints between E2M1 magnitudes
     codes = np.select([a > e for e in edges], [7, 6, 5, 4, 3, 2, 1], 0).astype(np.uint32)
     codes = np.where((codes > 0) & np.signbit(x), codes | 8, codes).reshape(out, n)
-    return pack(codes, 4), RawTensor("uint8", exponents)
+    return pack(codes, 4), RawTensor("uint8", scales)
+
+
+E4M3_MAGNITUDES = E4M3[:0x7F]  # codes 0..126, increasing (127 is NaN)
+
+
+def e4m3_codes(x: np.ndarray) -> np.ndarray:
+    """float32 values -> uint8 E4M3 codes, the nearest value, ties to the even code; the sign
+    kept (a negative value that rounds to zero is -0); beyond 448, 448."""
+    a = np.minimum(np.abs(x), E4M3_MAGNITUDES[-1])
+    upper = np.clip(np.searchsorted(E4M3_MAGNITUDES, a), 1, len(E4M3_MAGNITUDES) - 1)
+    lower = upper - 1
+    below, above = a - E4M3_MAGNITUDES[lower], E4M3_MAGNITUDES[upper] - a
+    pick_upper = (above < below) | ((above == below) & (upper % 2 == 0))
+    codes = np.where(pick_upper, upper, lower).astype(np.uint8)
+    return np.where(np.signbit(x), codes | 0x80, codes).astype(np.uint8)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -293,15 +321,18 @@ def quantized_items(
     out: list[tuple[str, Deferred]] = []
     made: dict[str, tuple[np.ndarray, RawTensor, RawTensor]] = {}
 
-    parts = 2 if q.mode == "mxfp4" else 3  # codes and scales, and affine's biases
+    parts = 2 if q.mode in FLOAT_MODES else 3  # codes and scales, and affine's biases
 
     def part(name: str, t: RawTensor, i: int) -> Callable[[], np.ndarray]:
         def make() -> np.ndarray:
             if name not in made:
                 w = cast(t, dtype).to_numpy()
                 rows = w.reshape(-1, w.shape[-1])  # stacked experts: their rows one after another
-                mx4 = q.mode == "mxfp4"
-                made[name] = quantize_mxfp4(rows) if mx4 else quantize(rows, dtype or t.dtype, q)
+                floats = q.mode in FLOAT_MODES
+                kind = dtype or t.dtype
+                made[name] = (
+                    quantize_float(rows, q.mode, kind) if floats else quantize(rows, kind, q)
+                )
             value = made[name][i]
             if i == parts - 1:
                 del made[name]  # the last part is written last
@@ -322,7 +353,7 @@ def quantized_items(
         module = name.removesuffix(".weight")
         groups = (*lead, n // q.group_size)
         out.append((name, Deferred("uint32", (*lead, n * q.bits // 32), part(name, t, 0))))
-        scales = "uint8" if q.mode == "mxfp4" else kind
+        scales = "uint8" if q.mode in FLOAT_MODES else kind
         out.append((module + ".scales", Deferred(scales, groups, part(name, t, 1))))
         if parts == 3:
             out.append((module + ".biases", Deferred(kind, groups, part(name, t, 2))))

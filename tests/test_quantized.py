@@ -232,7 +232,7 @@ def test_our_quantizer_writes_mlx_s_codes_bit_for_bit(bits, dtype):
 @pytest.mark.parametrize(
     "bits, group, dtype, mode",
     [(4, 64, None, "affine"), (3, 32, "float32", "affine"), (8, 128, None, "affine"),
-     (4, 32, None, "mxfp4")],
+     (4, 32, None, "mxfp4"), (8, 32, None, "mxfp8"), (4, 16, "bfloat16", "nvfp4")],
 )  # fmt: skip
 def test_convert_quantize_writes_what_mlx_lm_writes(tmp_path, bits, group, dtype, mode):
     """`mistral convert --to mlx --quantize` on the embedded model: the same tensors, bit for bit,
@@ -340,23 +340,27 @@ def test_both_backends_match_mlx_lm_on_a_float_mode_folder(tmp_path, mode, bits,
         assert max_diff(model.logits(rows), expected) <= 1e-4, backend
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_our_mxfp4_quantizer_writes_mlx_s_codes_bit_for_bit(dtype):
-    """Ties (frequent in bfloat16) go to the smaller magnitude, a negative that rounds to zero
-    is +0, an all-zero group gets the exponent of 1: as mx.quantize."""
+def test_our_float_mode_quantizer_writes_mlx_s_codes_bit_for_bit(dtype, mode):
+    """E2M1 ties (frequent in bfloat16) go to the smaller magnitude, a negative that rounds to
+    zero is +0, E4M3 ties to the even code keeping the sign; an all-zero group gets the exponent
+    of 1 (mxfp4, mxfp8), the scale 0 (nvfp4); groups of tiny values: as mx.quantize."""
     import mlx.core as mx
 
-    from mistral.quant import quantize_mxfp4
+    from mistral.quant import FLOAT_MODES, quantize_float
 
+    bits, group = FLOAT_MODES[mode]
     rng = np.random.default_rng(11)
     for scale in (0.001, 1.0, 100.0):
         w = rng.standard_normal((12, 256), dtype=np.float32) * scale
-        w[0, :32] = 0.0
+        w[0, :32], w[1, :32] = 0.0, w[1, :32] * 1e-6
+        w[2, :group] = np.round(w[2, :group] * 4) / 4  # on the grid: ties
         w = mx.array(w).astype(getattr(mx, dtype))
-        packed, exponents = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
-        ours = quantize_mxfp4(np.array(w.astype(mx.float32)))
+        packed, scales = mx.quantize(w, group_size=group, bits=bits, mode=mode)
+        ours = quantize_float(np.array(w.astype(mx.float32)), mode, dtype)
         assert np.array_equal(ours[0], np.array(packed)), (scale, dtype)
-        assert np.array_equal(ours[1].data, np.array(exponents)), (scale, dtype)
+        assert np.array_equal(ours[1].data, np.array(scales)), (scale, dtype)
 
 
 def test_info_says_how_the_weights_are_quantized(quantized):

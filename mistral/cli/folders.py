@@ -19,7 +19,7 @@ from mistral.checkpoint import CONFIGS, FORMATS, read_checkpoint, write_checkpoi
 from mistral.errors import MistralError
 from mistral.fp8 import FP8Tensor
 from mistral.hf_tokenizer import tokenizer_files
-from mistral.quant import Quantization, QuantizedTensor
+from mistral.quant import FLOAT_MODES, MODES, Quantization, QuantizedTensor
 from mistral.tokenizer import Tokenizer
 from mistral.weights import cached_numbers, cast_nbytes, check_tensors
 
@@ -182,16 +182,17 @@ class Convert:
     """With --to mlx: quantize the weights to this many bits (2, 3, 4, 5, 6 or 8), affine, the
     same packed codes that mlx-lm's own convert writes from the same model."""
     group_size: int | None = None
-    """With --quantize: inputs per group of one scale (32, 64 or 128). Default: 64 (affine), 32
-    (mxfp4)."""
-    mode: str = sp.choice("affine", "mxfp4", default="affine")
-    """With --quantize: affine (codes, scales and biases) or mxfp4 (4-bit E2M1 codes, a power of
-    two per group of 32)."""
+    """With --quantize: inputs per group of one scale (32, 64 or 128). Default: 64 (affine); the
+    float modes have their own (32; nvfp4 16)."""
+    mode: str = sp.choice(*MODES, default="affine")
+    """With --quantize: affine (codes, scales and biases), mxfp4 (4-bit E2M1 codes times a power
+    of two per group of 32), mxfp8 (8-bit E4M3 codes, the same scales) or nvfp4 (E2M1 codes
+    times an E4M3 scale per group of 16), as mx.quantize writes them."""
 
     def run(self) -> None:
         q = None
         if self.quantize is not None:
-            group = self.group_size or (32 if self.mode == "mxfp4" else 64)
+            group = self.group_size or FLOAT_MODES.get(self.mode, (0, 64))[1]
             q = Quantization(self.quantize, group, self.mode)
         ckpt = read_checkpoint(self.src)
         # Checked before anything is written: the tensors the spec needs, the tokenizer files.
