@@ -73,6 +73,12 @@ def test_an_fp8_folder_runs_as_its_dequantized_weights(tmp_path, backend):
     assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0  # the same weights, bit for bit
     plain = mistral.from_tensors(args, random_weights(args, seed=2), backend, "cpu", "float32")
     assert max_diff(ours.logits(rows), plain.logits(rows)) > 1e-4  # and e4m3 did round them
+    if backend == "torch":  # the projections kept as e4m3 bytes, a scale per block beside them
+        from tests.test_quantized import torch_bytes
+
+        wq = ours.runner.model.layers[0].attention.wq
+        assert type(wq).__name__ == "FP8Linear" and wq.codes.dtype.itemsize == 1
+        assert torch_bytes(ours) < 0.5 * torch_bytes(ref)
 
 
 @pytest.mark.parametrize(

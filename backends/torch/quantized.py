@@ -1,8 +1,8 @@
-"""Layers whose weights stay mlx-lm's packed codes in PyTorch, put in place of a built
-Transformer's Linear and Embedding modules by name, from outside the forward: a layer unpacks and
-dequantizes its weight where it runs (bit for bit mx.dequantize, as mistral/quant.py computes
-it), so a 4-bit model holds about a quarter of its bfloat16 bytes. On CUDA the build compiles the
-dequantization (one fused kernel per weight) ahead of the product."""
+"""Layers whose weights stay codes in PyTorch (mlx-lm's packed codes, FP8 checkpoints' e4m3
+bytes), put in place of a built Transformer's Linear and Embedding modules by name, from outside
+the forward: a layer unpacks and dequantizes its weight where it runs, a block of rows at a time
+(bit for bit mx.dequantize, as mistral/quant.py computes it; FP8 as mistral/fp8.py does), so a
+4-bit model holds about a quarter of its bfloat16 bytes and an FP8 one half."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.torch.model import Linear, Router
-from mistral.fp8 import E4M3
+from mistral.fp8 import E4M3, FP8Tensor
 from mistral.quant import FP4, Quantization, QuantizedTensor
 
 
@@ -67,7 +67,7 @@ def dequantize(
     return (values[groups.int()] * scale[..., None]).flatten(-2).to(dtype)
 
 
-ROWS_AT_ONCE = 4096  # output rows dequantized at once: 4096 x 4096 in bfloat16 is 32 MiB
+ELEMENTS_AT_ONCE = 1 << 23  # weights dequantized at once, in blocks of rows: 16 MiB in bfloat16
 
 
 class QuantizedLinear(nn.Module):
@@ -87,7 +87,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("biases", biases, persistent=False)
-        self.dequantize: Callable = dequantize  # the build may compile it (CUDA)
+        self.dequantize: Callable = dequantize
 
     @classmethod
     def of(cls, t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> QuantizedLinear:
@@ -105,9 +105,32 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In blocks of output rows, so that only a block is ever dequantized at once."""
-        n = len(self.codes)
-        blocks = [slice(i, min(i + ROWS_AT_ONCE, n)) for i in range(0, n, ROWS_AT_ONCE)]
+        n, step = len(self.codes), max(1, ELEMENTS_AT_ONCE // x.shape[-1])
+        blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
         return torch.cat([F.linear(x, self.weight_of(rows)) for rows in blocks], dim=-1)
+
+
+class FP8Linear(QuantizedLinear):
+    """x @ W.T with W held as e4m3 codes and a float32 scale per block (Hugging Face's and
+    Mistral's FP8 checkpoints), dequantized at each call as FP8Tensor.dequantized computes it:
+    each code's value times its block's scale in float32, rounded once to the dtype. The scales
+    are kept per row (out, blocks across): rows reordered (HF's wq/wk) keep their own."""
+
+    @classmethod
+    def of(cls, t: FP8Tensor, dtype: torch.dtype, device: torch.device) -> FP8Linear:
+        rows = np.arange(t.shape[0]) if t.rows is None else t.rows
+        codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
+        scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
+        layer = cls(torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device),
+                    None, None, dtype)  # fmt: skip
+        layer.width = t.block[1]
+        layer.register_buffer("values", torch.from_numpy(E4M3).to(device), persistent=False)
+        return layer
+
+    def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        values = self.values[self.codes[rows].int()]  # (out, in) float32
+        scales = self.scales[rows].repeat_interleave(self.width, dim=-1)[..., : values.shape[-1]]
+        return (values * scales).to(self.dtype)
 
 
 class QuantizedEmbedding(QuantizedLinear):
@@ -134,14 +157,14 @@ def kept_as_codes(name: str, module: nn.Module | None) -> bool:
 
 def quantize_modules(
     model: nn.Module,
-    tensors: Mapping[str, QuantizedTensor],
+    tensors: Mapping[str, QuantizedTensor | FP8Tensor],
     tied: bool,
     dtype: torch.dtype,
     device: torch.device,
 ) -> set[str]:
     """Each module whose weight is one of ``tensors`` and stays codes (kept_as_codes) becomes
-    its quantized twin (the output projection of tied embeddings shares the table's codes); the
-    names of the weights they took."""
+    its quantized twin (the output projection of tied embeddings shares the table's codes; FP8
+    weights: FP8Linear); the names of the weights they took."""
     modules = dict(model.named_modules())
     taken = set()
     for key, t in tensors.items():
@@ -149,11 +172,16 @@ def quantize_modules(
         if not kept_as_codes(path, modules.get(path)):
             continue
         *parents, name = path.split(".")
-        twin = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
+        if isinstance(t, FP8Tensor):  # a projection's (a float8 table is dequantized at load)
+            if name == "tok_embeddings":
+                continue
+            twin: type[QuantizedLinear] = FP8Linear
+        else:
+            twin = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
         module = twin.of(t, dtype, device)
         setattr(model.get_submodule(".".join(parents)), name, module)
         taken.add(key)
-        if name == "tok_embeddings" and tied and kept_as_codes("output", model.output):
+        if twin is QuantizedEmbedding and tied and kept_as_codes("output", model.output):
             model.output = QuantizedLinear(
                 module.codes, module.scales, module.biases, module.q, dtype
             )

@@ -223,7 +223,7 @@ def build(
             model.tok_embeddings = VocabEmbedding(vocab_rows(args.vocab_size, shard), args.dim)
     if pipeline is not None:
         stage(model, args, pipeline, dt)
-    codes = {k: t for k, t in tensors.items() if isinstance(t, QuantizedTensor)}
+    codes = {k: t for k, t in tensors.items() if isinstance(t, QuantizedTensor | FP8Tensor)}
     taken = quantize_modules(model, codes, args.tied_embeddings, dt, dev)  # kept as codes
     state = {}
     for k, t in tensors.items():  # other quantized weights: dequantized in the run's dtype
