@@ -71,15 +71,24 @@ def gathered(w: mx.array) -> Callable[[mx.array, mx.array], mx.array]:
 
 
 def gathered_codes(
-    codes: mx.array, scales: mx.array, biases: mx.array | None, q: Quantization
+    codes: mx.array, scales: mx.array, biases: mx.array | None, q: Quantization, a: mx.Dtype
 ) -> Callable[[mx.array, mx.array], mx.array]:
-    """As gathered, the stacked experts held as codes, (E, out, in * bits / 32)."""
+    """As gathered, the stacked experts held as codes, (E, out, in * bits / 32), the product
+    run in ``a`` (QuantizedLinear.accumulate)."""
 
     def product(x: mx.array, chosen: mx.array) -> mx.array:
+        s, b = (scales, None) if biases is None else (scales.astype(a), biases.astype(a))
         return mx.gather_qmm(
-            x, codes, scales, biases, rhs_indices=chosen, transpose=True,
-            group_size=q.group_size, bits=q.bits, mode=q.mode,
-        )  # fmt: skip
+            x.astype(a),
+            codes,
+            s,
+            b,
+            rhs_indices=chosen,
+            transpose=True,
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+        ).astype(x.dtype)  # fmt: skip  (the float modes' scales: uint8 exponents, as they are)
 
     return product
 
@@ -117,7 +126,8 @@ def expert_product(layers: list, device: mx.Device, dtype: mx.Dtype) -> Callable
     if len(names) == 1:
         product = gathered(stacks["weight"])
     else:
-        product = gathered_codes(stacks["weight"], stacks["scales"], stacks.get("biases"), first.q)
+        parts = (stacks["weight"], stacks["scales"], stacks.get("biases"))
+        product = gathered_codes(*parts, first.q, first.accumulate)
     x = mx.zeros((1, 1, 1, dim), dtype=dtype)
     if not runs(lambda: product(x, mx.zeros((1, 1), mx.uint32)), device):
         return None

@@ -189,7 +189,7 @@ def build(
         model.tok_embeddings = VocabEmbedding(rows, args.dim, group)
     if pipeline is not None:
         stage(model, args, pipeline, dt, group)
-    quantize_modules(model, tensors, args.tied_embeddings, dt)  # quantized weights stay codes
+    quantize_modules(model, tensors, args.tied_embeddings, dt, dev)  # quantized: codes stay
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
         state |= arrays(k, t, mx.float32 if k.endswith(FLOAT32_KEYS) else dt, from_raw)
