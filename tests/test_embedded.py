@@ -138,34 +138,28 @@ def test_moe_routing_weights_are_a_float32_softmax_in_half_precision():
 
 
 @pytest.fixture(scope="module")
-def four_bit(tmp_path_factory, tok):
-    """The embedded model at 4 bits in groups of 64, as `convert --to mlx --quantize 4` writes,
-    and rows of its own greedy continuations (float32)."""
+def four_bit(tmp_path_factory):
+    """The embedded model at 4 bits in groups of 64, as `convert --to mlx --quantize 4` writes."""
     from mistral.checkpoint import read_checkpoint, write_checkpoint
     from mistral.quant import Quantization
 
     ckpt = read_checkpoint(DEFAULT)
     path = tmp_path_factory.mktemp("q4")
     write_checkpoint(path, "mlx", ckpt.args, ckpt.tensors, quantize=Quantization(4, 64))
-    model = mistral.load(path, device="cpu", dtype="float32")
-    prompts = [tok.encode(p) for p in PROMPTS]
-    return path, [p + g for p, g in zip(prompts, model.generate(prompts, 300), strict=True)]
+    return path
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_quantized_folder_in_bfloat16_flips_only_near_ties(four_bit, backend):
+def test_a_quantized_folder_in_bfloat16_flips_only_near_ties(rows, four_bit, backend):
     """bfloat16 activations on the 4-bit codes against float32 ones on the same codes: every
     position whose argmax changes is a near tie in float32 (the two best within 0.125, two
-    bfloat16 steps at logits of 8 to 16). Here 16 of 1582 positions flip on either backend
-    (98.99% kept, the issue asks 99%), at margins up to 0.077; the bfloat16 model itself flips
-    0.6%, its weights exact in bfloat16 where the 4-bit ones are not."""
-    path, rows = four_bit
-    full = np.concatenate(
-        mistral.load(path, backend=backend, device="cpu", dtype="float32").logits(rows)
-    )
-    half = np.concatenate(
-        mistral.load(path, backend=backend, device="cpu", dtype="bfloat16").logits(rows)
-    )
+    bfloat16 steps at logits of 8 to 16). Here 13 (torch) and 20 (MLX) of the 1582 positions
+    flip (99.2% and 98.7% kept; the issue asks 99%), at margins up to 0.077 and 0.095; the
+    bfloat16 model itself keeps 99.4%, its weights exact in bfloat16 where the 4-bit ones are
+    not."""
+    load = lambda dtype: mistral.load(four_bit, backend=backend, device="cpu", dtype=dtype)  # noqa: E731
+    full = np.concatenate(load("float32").logits(rows))
+    half = np.concatenate(load("bfloat16").logits(rows))
     best = np.sort(full, axis=-1)
     flips = full.argmax(-1) != half.argmax(-1)
     assert (best[flips, -1] - best[flips, -2]).max(initial=0) < 0.125

@@ -34,7 +34,7 @@ TORCHRUNS = {
 }
 # (kind, config, layout): tied embeddings on the last pipeline rank too, 4-bit codes in MLX
 # (MLX's stand-ins do not depend on the layer kind: a windowed, a MoE and a tied model suffice)
-MLX_RUNS = [("tensor", c, "mistral") for c in (*CASES, "tiny-mqa")]
+MLX_RUNS = [("tensor", c, "mistral") for c in ("tiny-mqa", "tiny-moe", "tiny-latent")]
 MLX_RUNS += [("pipeline", c, "mistral") for c in ("tiny-moe", "tiny-tied")]
 MLX_RUNS += [("pipeline", "tiny-tied", "mlx-q4")]
 

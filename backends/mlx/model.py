@@ -225,7 +225,7 @@ class MoeLayer(nn.Module):
         self.experts = [FeedForward(args.dim, hidden) for _ in range(n)]
         shared = args.moe.num_shared_experts  # run for every token, as one wider feed-forward
         self.shared_experts = FeedForward(args.dim, hidden * shared) if shared else None
-        # Products by the experts' w1, w2, w3 stacked, once the build sets them (stack_experts).
+        # The experts' w1, w2, w3 stacked, (E, out, in), once the build sets them (stack_experts).
         self.stacked: tuple[Callable, Callable, Callable] | None = None
         self.tap = tap
 
@@ -242,7 +242,7 @@ class MoeLayer(nn.Module):
         weights = weights.astype(x.dtype)
         if self.stacked is not None:
             # Only the chosen experts' weights are read, with no host sync (any number of rows).
-            w1, w2, w3 = self.stacked  # each: (x, chosen) -> x times the chosen experts' weights
+            w1, w2, w3 = self.stacked  # as products: (x, chosen) -> x times the chosen weights
             xe = mx.expand_dims(x, (-2, -3))  # (N, 1, 1, dim)
             h = nn.silu(w1(xe, chosen)) * w3(xe, chosen)  # (N, k, 1, hidden)
             out = w2(h, chosen)[:, :, 0]  # (N, k, dim)
