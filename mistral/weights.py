@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -274,3 +276,24 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype: str = "float32") -> di
     with ThreadPoolExecutor(cpu_cores()) as pool:
         drawn = list(pool.map(draw, range(len(shapes))))
     return {name: t for (name, _), t in zip(shapes, drawn, strict=True)}
+
+
+def release(*arrays: np.ndarray) -> None:
+    """Tells the OS that the file pages under memory-mapped arrays, already copied, are not
+    needed now (touched again, they are read from the file again): a loading backend then holds
+    one copy of a folder's weights, not two. Without it the mapped pages of every tensor read so
+    far stayed resident beside its copy, doubling the load's peak (1186 against 597 MiB for a
+    590 MB bfloat16 folder on torch). Arrays not mapped from a file are left as they are."""
+    for a in arrays:
+        root = a  # the memmap over the whole mapping (its views keep the root's offset)
+        while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+            root = root.base
+        if not isinstance(root, np.memmap) or not hasattr(root.base, "madvise") or not a.nbytes:
+            continue
+        handle = root.base
+        start = root.ctypes.data - root.offset % mmap.ALLOCATIONGRANULARITY  # the mapping's
+        first = (a.ctypes.data - start) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = a.ctypes.data - start + a.nbytes
+        if 0 <= first < end <= len(handle):
+            with contextlib.suppress(OSError, ValueError):
+                handle.madvise(mmap.MADV_DONTNEED, first, end - first)

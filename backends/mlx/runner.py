@@ -32,7 +32,7 @@ from mistral.errors import MistralError
 from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
 from mistral.rope import Rope
 from mistral.taps import as_row
-from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
+from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes, release
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -77,9 +77,9 @@ def check_runs(device: mx.Device, dtype: mx.Dtype) -> None:
 
 def from_raw(t: RawTensor) -> mx.array:
     data = np.ascontiguousarray(t.data)  # one (possibly memory-mapped) tensor
-    if t.dtype == "bfloat16":
-        return mx.array(data).view(mx.bfloat16)
-    return mx.array(data)
+    a = mx.array(data).view(mx.bfloat16) if t.dtype == "bfloat16" else mx.array(data)
+    release(t.source)  # its file pages, copied
+    return a
 
 
 def gpu_available() -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from backends.torch.model import Linear, Router
 from mistral.fp8 import E4M3, FP8Tensor
 from mistral.quant import FP4, Quantization, QuantizedTensor
+from mistral.weights import release
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def dequantize(
     return (values[groups.int()] * scale[..., None]).flatten(-2).to(dtype)
 
 
-ELEMENTS_AT_ONCE = 1 << 23  # weights dequantized at once, in blocks of rows: 16 MiB in bfloat16
+ELEMENTS_AT_ONCE = 1 << 21  # weights dequantized at once, in blocks of rows: 4 MiB in bfloat16
 
 
 class QuantizedLinear(nn.Module):
@@ -95,6 +96,7 @@ class QuantizedLinear(nn.Module):
         scales = from_stored(t.scales.data, t.scales.dtype)
         biases = None if t.biases is None else from_stored(t.biases.data, t.biases.dtype)
         biases = None if biases is None else biases.to(device)
+        release(*(p.source for p in (t.packed, t.scales, t.biases) if p is not None))  # copied
         return cls(codes.to(device), scales.to(device), biases, t.q, dtype)
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
@@ -121,6 +123,7 @@ class FP8Linear(QuantizedLinear):
         rows = np.arange(t.shape[0]) if t.rows is None else t.rows
         codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
         scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
+        release(t.codes.source, t.scale_inv.source)  # their file pages, copied
         layer = cls(torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device),
                     None, None, dtype)  # fmt: skip
         layer.width = t.block[1]

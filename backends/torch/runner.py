@@ -34,7 +34,7 @@ from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
-from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
+from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes, release
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +94,7 @@ def check_runs(device: torch.device, dtype: torch.dtype) -> None:
 
 def from_raw(t: RawTensor) -> torch.Tensor:
     data = np.array(t.data)  # a writable copy of one (possibly memory-mapped) tensor
+    release(t.source)  # its file pages, copied
     if t.dtype == "bfloat16":
         return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(data)
