@@ -6,7 +6,8 @@ the forward: a layer unpacks and dequantizes its weight where it runs, a block o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -29,19 +30,34 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
         octets = words.view(torch.uint8)  # (..., 4W)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
         return ((octets[..., None] >> shifts) & mask).flatten(-2)
+    t = split_codes(bits, words.device)
+    blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
+    low = (blocks[..., t["word"]] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
+    high = torch.where(t["across"], blocks[..., t["next"]], 0)
+    return ((low | (high << t["high_shift"])) & mask).flatten(-2)
+
+
+@functools.cache
+def split_codes(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Where each of the 32 codes in a block of ``bits`` words lies (3, 5, 6 bits), made once."""
     start = np.arange(32) * bits  # each code's first bit within its block of `bits` words
     word, shift = start // 32, start % 32
     across = shift + bits > 32
     # int32 shifts right are arithmetic: a code across two words keeps only its low part's bits
     low_mask = np.where(across, (1 << (32 - shift)) - 1, -1)
     high_shift = np.where(across, 32 - shift, 0)
-    table = {"word": word, "shift": shift, "low_mask": low_mask, "high_shift": high_shift}
-    t = {k: torch.tensor(v, dtype=torch.int32, device=words.device) for k, v in table.items()}
-    blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
-    low = (blocks[..., t["word"].long()] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
-    nxt = (t["word"] + 1).clamp(max=bits - 1).long()
-    high = torch.where(torch.from_numpy(across).to(words.device), blocks[..., nxt], 0)
-    return ((low | (high << t["high_shift"])) & mask).flatten(-2)
+    ints = {"shift": shift, "low_mask": low_mask, "high_shift": high_shift}
+    t = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in ints.items()}
+    t["word"] = torch.tensor(word, device=device)
+    t["next"] = torch.tensor(np.minimum(word + 1, bits - 1), device=device)
+    t["across"] = torch.tensor(across, device=device)
+    return t
+
+
+@functools.cache
+def values_of(kind: str, device: torch.device) -> torch.Tensor:
+    """The float32 value of every code of ``kind`` ("e4m3": 256, "e2m1": 16), made once."""
+    return torch.from_numpy(E4M3 if kind == "e4m3" else FP4).to(device)
 
 
 def dequantize(
@@ -59,9 +75,9 @@ def dequantize(
     if biases is not None:
         w = groups.to(dtype) * scales[..., None].to(dtype) + biases[..., None].to(dtype)
         return w.flatten(-2)
-    values = torch.from_numpy(E4M3 if q.mode == "mxfp8" else FP4).to(codes.device)
+    values = values_of("e4m3" if q.mode == "mxfp8" else "e2m1", codes.device)
     if q.mode == "nvfp4":
-        scale = torch.from_numpy(E4M3).to(codes.device)[scales.int()]
+        scale = values_of("e4m3", codes.device)[scales.int()]
     else:  # a uint8 exponent e: 2^(e - 127), as float32 bits; e = 0 is 2^-127, subnormal
         e = scales.to(torch.int32)
         scale = torch.where(e == 0, 1 << 22, e << 23).view(torch.float32)
@@ -88,7 +104,6 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("biases", biases, persistent=False)
-        self.dequantize: Callable = dequantize
 
     @classmethod
     def of(cls, t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> QuantizedLinear:
@@ -103,7 +118,7 @@ class QuantizedLinear(nn.Module):
         """The dequantized weight's ``rows``, (out, in) for all of them."""
         biases = None if self.biases is None else self.biases[rows]
         codes = unpack(self.codes[rows], self.q.bits)
-        return self.dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
+        return dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In blocks of output rows, so that only a block is ever dequantized at once."""
@@ -127,11 +142,10 @@ class FP8Linear(QuantizedLinear):
         layer = cls(torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device),
                     None, None, dtype)  # fmt: skip
         layer.width = t.block[1]
-        layer.register_buffer("values", torch.from_numpy(E4M3).to(device), persistent=False)
         return layer
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        values = self.values[self.codes[rows].int()]  # (out, in) float32
+        values = values_of("e4m3", self.codes.device)[self.codes[rows].int()]  # (out, in) float32
         scales = self.scales[rows].repeat_interleave(self.width, dim=-1)[..., : values.shape[-1]]
         return (values * scales).to(self.dtype)
 
