@@ -88,8 +88,6 @@ def quantize_modules(
         quantized.pop("tok_embeddings", None)
     if not isinstance(model.output, Linear):
         quantized.pop("output", None)
-    for path in [p for p in quantized if p.endswith("attention.wkv_b")]:
-        quantized.pop(path)  # the absorbed decode reads the weight itself: arrays dequantizes it
     for path, t in quantized.items():
         *parents, name = path.split(".")
         owner = model
@@ -111,9 +109,6 @@ def arrays(
     with their scales and biases in the run's dtype."""
     if isinstance(t, FP8Tensor):  # FP8 checkpoints: dequantized at load, as torch does
         t = t.dequantized("float32")
-    if isinstance(t, QuantizedTensor) and name.endswith("attention.wkv_b.weight"):
-        names = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
-        t = t.dequantized(names[dtype])  # held as a weight (quantize_modules)
     if not isinstance(t, QuantizedTensor):
         return {name: from_raw(t).astype(dtype)}
     module = name.removesuffix(".weight")
