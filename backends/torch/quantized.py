@@ -17,7 +17,7 @@ from torch import nn
 from backends.torch.model import Linear, Router
 from mistral.fp8 import E4M3, FP8Tensor
 from mistral.quant import FP4, Quantization, QuantizedTensor
-from mistral.weights import release
+from mistral.weights import RawTensor, release
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -107,12 +107,9 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def of(cls, t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> QuantizedLinear:
-        codes = torch.from_numpy(np.array(t.packed.data).view(np.int32))  # a writable copy
-        scales = from_stored(t.scales.data, t.scales.dtype)
-        biases = None if t.biases is None else from_stored(t.biases.data, t.biases.dtype)
-        biases = None if biases is None else biases.to(device)
-        release(*(p.source for p in (t.packed, t.scales, t.biases) if p is not None))  # copied
-        return cls(codes.to(device), scales.to(device), biases, t.q, dtype)
+        codes = from_raw(t.packed).view(torch.int32)  # the uint32 words' bits
+        biases = None if t.biases is None else from_raw(t.biases).to(device)
+        return cls(codes.to(device), from_raw(t.scales).to(device), biases, t.q, dtype)
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The dequantized weight's ``rows``, (out, in) for all of them."""
@@ -157,9 +154,11 @@ class QuantizedEmbedding(QuantizedLinear):
         return self.weight_of(ids)  # (B, T, dim)
 
 
-def from_stored(data: np.ndarray, dtype: str) -> torch.Tensor:
-    data = np.array(data)  # a writable copy of the (memory-mapped) scales or biases
-    if dtype == "bfloat16":
+def from_raw(t: RawTensor) -> torch.Tensor:
+    """A writable copy of one (possibly memory-mapped) tensor; its file pages given back."""
+    data = np.array(t.data)
+    release(t.source)
+    if t.dtype == "bfloat16":
         return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(data)
 

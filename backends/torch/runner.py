@@ -25,7 +25,7 @@ from backends.torch.parallel import (
     share,
     stage,
 )
-from backends.torch.quantized import QuantizedLinear, quantize_modules
+from backends.torch.quantized import QuantizedLinear, from_raw, quantize_modules
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
@@ -34,7 +34,7 @@ from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
 from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
-from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes, release
+from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,14 +90,6 @@ def check_runs(device: torch.device, dtype: torch.dtype) -> None:
     except (RuntimeError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MistralError(f"dtype {dtype_name(dtype)} cannot run on {device} ({reason})") from None
-
-
-def from_raw(t: RawTensor) -> torch.Tensor:
-    data = np.array(t.data)  # a writable copy of one (possibly memory-mapped) tensor
-    release(t.source)  # its file pages, copied
-    if t.dtype == "bfloat16":
-        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(data)
 
 
 def dequantized(t: RawTensor | QuantizedTensor | FP8Tensor, dtype: str) -> RawTensor:
