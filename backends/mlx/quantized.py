@@ -69,6 +69,18 @@ class QuantizedEmbedding(QuantizedLinear):
         )
 
 
+def read_whole(
+    tensors: Mapping[str, RawTensor | QuantizedTensor], dtype: str
+) -> dict[str, RawTensor | QuantizedTensor]:
+    """The tensors, a quantized wkv_b dequantized in ``dtype``: the absorbed decode of latent
+    attention reads that weight itself."""
+    wkv_b = "attention.wkv_b.weight"
+    return {
+        k: t.dequantized(dtype) if k.endswith(wkv_b) and isinstance(t, QuantizedTensor) else t
+        for k, t in tensors.items()
+    }
+
+
 def quantize_modules(
     model: nn.Module,
     tensors: Mapping[str, RawTensor | QuantizedTensor],

@@ -25,12 +25,11 @@ from backends.mlx.parallel import (
     share,
     stage,
 )
-from backends.mlx.quantized import arrays, quantize_modules
+from backends.mlx.quantized import arrays, quantize_modules, read_whole
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window, plan_prefill
 from mistral.errors import MistralError
 from mistral.parallel import REDUCED, Shard, rank_share, vocab_rows
-from mistral.quant import QuantizedTensor
 from mistral.rope import Rope
 from mistral.taps import as_row
 from mistral.weights import FLOAT32_KEYS, RawTensor, linear_bytes, release
@@ -190,14 +189,7 @@ def build(
         model.tok_embeddings = VocabEmbedding(rows, args.dim, group)
     if pipeline is not None:
         stage(model, args, pipeline, dt, group)
-    # The absorbed decode reads latent attention's wkv_b weight itself: its codes, dequantized.
-    wkv_b = "attention.wkv_b.weight"
-    tensors = {
-        k: t.dequantized(dtype_name(dt))
-        if k.endswith(wkv_b) and isinstance(t, QuantizedTensor)
-        else t
-        for k, t in tensors.items()
-    }
+    tensors = read_whole(tensors, dtype_name(dt))  # wkv_b's codes, dequantized
     quantize_modules(model, tensors, args.tied_embeddings, dt, dev)  # quantized: codes stay
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
