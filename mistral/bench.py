@@ -226,6 +226,7 @@ class BenchSetup:
     compare: tuple[str, ...] = ()
     compile: bool = False
     parallel: str | None = None  # under torchrun or mlx.launch: this rank's share
+    fp8: str = "dequantize"  # how FP8 weights multiply (contract.FP8_PRODUCTS)
 
 
 def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:
@@ -235,10 +236,10 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     # built, so that what it adds to the process is its own.
     meter = backend(s.backend).meter(s.args, s.device, s.dtype)
     before = held_now(meter)
-    model = from_tensors(
-        s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile, parallel=s.parallel
-    )
-    name, clocks = f"ours ({s.backend})", [StepClock()]
+    built = (s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
+    model = from_tensors(*built, parallel=s.parallel, fp8=s.fp8)
+    fp8 = ", fp8 scaled" if s.fp8 == "scaled" else ""
+    name, clocks = f"ours ({s.backend}{fp8})", [StepClock()]
     ours = our_run(model, meter, prompts, s.gen_len, s.chunk_size, clocks[0].tick)
     runs = [(name, model.device, model.dtype, ours)]
     memory = [warm_up(name, ours, s.warmup, before, progress)]

@@ -18,12 +18,16 @@ import numpy as np
 from mistral.args import ModelArgs
 from mistral.cache import StepPlan, Window
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor
 from mistral.measure import Meter, Timing
 from mistral.parallel import KINDS
 from mistral.weights import RawTensor, check_tensors
 
 BACKENDS = ("torch", "mlx")  # each is also the name of the framework it imports
 REFERENCES = {"hf": "torch", "mlx-lm": "mlx"}  # outside references, by the backend that runs them
+# How FP8 weights multiply: dequantized to the run's dtype, or in FP8 with the activations
+# quantized too (mistral/fp8.py)
+FP8_PRODUCTS = ("dequantize", "scaled")
 
 
 class Cache(Protocol):
@@ -96,11 +100,13 @@ class Backend(Protocol):
         dtype: str | None,
         compile: bool,
         parallel: str | None,
+        fp8: str,
     ) -> Runner:
         """The model on a device ("cuda:1", "cpu"; None = the best) and dtype (None = the
         device's best); tensors are named by checkpoint keys and already checked. ``parallel``
         "tensor": this process's share of a model split over the launcher's ranks
-        (mistral/parallel.py), every rank giving the same logits."""
+        (mistral/parallel.py), every rank giving the same logits. ``fp8`` (FP8_PRODUCTS): how
+        FP8 weights multiply, "dequantize" or "scaled" (mistral/fp8.py)."""
         ...
 
     def meter(self, args: ModelArgs, device: str | None, dtype: str | None) -> Meter:
@@ -139,12 +145,17 @@ def build(
     source: str,
     compile: bool = False,
     parallel: str | None = None,
+    fp8: str = "dequantize",
 ) -> Runner:
     """Checks the tensors against the spec, then hands them to the backend."""
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     if parallel is not None and parallel not in KINDS:
         raise MistralError(f"unknown parallel {parallel!r}: use {' or '.join(KINDS)}")
-    return backend(name).build(args, tensors, device, dtype, compile, parallel)
+    if fp8 not in FP8_PRODUCTS:
+        raise MistralError(f"unknown fp8 {fp8!r}: use {' or '.join(FP8_PRODUCTS)}")
+    if fp8 == "scaled" and not any(isinstance(t, FP8Tensor) for t in tensors.values()):
+        raise MistralError(f"{source}: fp8 scaled multiplies FP8 weights, and it has none")
+    return backend(name).build(args, tensors, device, dtype, compile, parallel, fp8)
 
 
 def reference(

@@ -3,8 +3,11 @@ Large 3, Devstral 2): float8 e4m3 codes and a float32 inverse scale per block of
 (``quantization_config``: quant_method fp8, weight_block_size), dequantized at load; and as
 Mistral's own folders do (Mistral Small 4: params.json ``quantization`` {qformat_weight:
 fp8_e4m3, qscheme_act: TENSOR}, one ``qscale_weight`` per weight and a static ``qscale_act``
-for its inputs, which dequantized weights have no use for: as transformers' conversion to
-bfloat16 drops it).
+for its inputs). Dequantized weights multiply the activations as they are, as transformers'
+conversion to bfloat16 does; FP8 products (torch's ``--fp8 scaled``) quantize them too, as
+vLLM's and transformers' FP8 kernels do: by the static scale where the folder has one, else per
+row and block of inputs (the weight's block width, or the whole row), ``s = max(|x|, 1e-10) /
+448``; then ``y = sum over input blocks of (e4m3(x / s) . codes) * s * scale_inv``.
 
 E4M3 (the "fn" variant: no infinities): sign, 4 exponent bits with bias 7, 3 mantissa bits;
 exponent 0 is subnormal (2^-6 * m / 8), S.1111.111 is NaN, the largest value 448. A weight is
@@ -45,6 +48,7 @@ class FP8Tensor:
     scale_inv: RawTensor  # float32, (ceil(out / block[0]), ceil(in / block[1]))
     block: tuple[int, int]
     rows: np.ndarray | None = None
+    act_scale: float | None = None  # the static scale of its inputs, where the folder has one
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -74,8 +78,8 @@ class FP8Tensor:
 
 def fp8_block(config: Any, source: str) -> tuple[int, int] | None:
     """The block size of a config's ``quantization_config`` of quant_method fp8, else None.
-    Static activation scales (Mistral Small 4's folders) are read and left out: dequantized
-    weights multiply activations as they are, as transformers' conversion to bfloat16 does."""
+    Static activation scales (Mistral Small 4's folders) are read beside their weights, for FP8
+    products; dequantized weights multiply the activations as they are."""
     if not isinstance(config, dict) or config.get("quant_method") != "fp8":
         return None
     if config.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
@@ -103,9 +107,10 @@ def gather_fp8(
 ) -> dict[str, Any]:
     """Each e4m3 ``<module>.weight`` with its scale (``names``: Hugging Face's
     ``.weight_scale_inv``, or Mistral's ``.qscale_weight``) as one FP8Tensor, checked; static
-    activation scales (``.activation_scale``, ``.qscale_act``) checked and left out."""
+    activation scales (``.activation_scale``, ``.qscale_act``) checked and kept beside it."""
     scales, inputs = names
     out: dict[str, Any] = {}
+    acts: dict[str, float] = {}
     for name, t in tensors.items():
         if name.endswith(inputs):
             weight = name.removesuffix(inputs) + ".weight"
@@ -113,6 +118,9 @@ def gather_fp8(
                 raise MistralError(f"{source}: {name} scales the inputs of no float8 weight")
             if t.shape not in ((), (1,)) or t.dtype not in ("float32", "bfloat16"):
                 raise MistralError(f"{source}: {name} is {t.dtype} {t.shape}, not one float")
+            acts[weight] = float(t.to_numpy().reshape(-1)[0])
+            if not 0 < acts[weight] < np.inf:
+                raise MistralError(f"{source}: {name} is {acts[weight]}, not a positive scale")
             continue
         if name.endswith(scales):
             weight = name.removesuffix(scales) + ".weight"
@@ -132,7 +140,7 @@ def gather_fp8(
         if tuple(scale.shape) != want:
             raise MistralError(f"{source}: {name}'s scales {scale.shape} are not {want} blocks")
         out[name] = FP8Tensor(t, scale, (bo, bi))
-    return out
+    return {k: replace(t, act_scale=acts[k]) if k in acts else t for k, t in out.items()}
 
 
 MISTRAL_FP8 = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}

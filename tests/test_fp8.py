@@ -293,3 +293,135 @@ def test_fused_expert_scales_must_be_one_per_expert():
     )
     assert split["model.layers.1.mlp.experts.3.up_proj.weight"].shape == (4, 6)
     assert split["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"].shape == (1, 1)
+
+
+def activations_reference(x: np.ndarray, width: int, act_scale: float | None):
+    """The FP8 kernels' activation quantization, in numpy: per row and block of ``width``
+    inputs, s = max(|x|, 1e-10) / 448 (or the static scale), codes = e4m3(x / s) rounded to the
+    nearest value (ties to even) and saturated; -> (codes, (M, blocks) scales)."""
+    from mistral.quant import e4m3_codes
+
+    codes, scales = [], []
+    for start in range(0, x.shape[-1], width):
+        block = x[:, start : start + width]
+        if act_scale is None:
+            s = np.maximum(np.abs(block).max(-1, keepdims=True), np.float32(1e-10)) / 448
+        else:
+            s = np.full((len(x), 1), act_scale, np.float32)
+        codes.append(e4m3_codes((block / s).astype(np.float32)))
+        scales.append(s.astype(np.float32))
+    return np.concatenate(codes, -1), np.concatenate(scales, -1)
+
+
+def scaled_reference(x, codes, scales, width, act_scale):
+    """DeepSeek-V3's FP8 GEMM in float64: each block of inputs' product of e4m3 values, times
+    the activations' and the weight's scales of that block, summed over the blocks."""
+    a, s = activations_reference(x, width, act_scale)
+    y = np.zeros((len(x), len(codes)))
+    for i, start in enumerate(range(0, x.shape[-1], width)):
+        cols = slice(start, start + width)
+        part = E4M3[a[:, cols]].astype(np.float64) @ E4M3[codes[:, cols]].astype(np.float64).T
+        y += part * s[:, i : i + 1] * scales[:, i][None]
+    return y
+
+
+@pytest.mark.parametrize(
+    "width, act_scale", [(32, None), (48, None), (1 << 62, None), (1 << 62, 0.05)]
+)
+def test_fp8_products_are_the_fp8_kernels(width, act_scale):
+    """torch's FP8 product (torch._scaled_mm per block of inputs) against the definition in
+    numpy: the activations' codes bit for bit (torch's cast against a rounding of our own, ties
+    and saturation included: the static 0.05 makes |x| / s pass 448), the product to float32
+    sums. Ragged blocks (96 inputs in blocks of 48 or 32, one whole-row block)."""
+    import torch
+
+    from backends.torch.quantized import activation_codes, scaled_product
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((5, 96)) * rng.choice([0.01, 1, 30], size=(5, 1))).astype(np.float32)
+    x[1, :40] = 0  # an all-zero block: the 1e-10 floor, no 0 / 0
+    codes = rng.integers(0, 256, size=(24, 96)).astype(np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x42  # no NaN codes
+    blocks = -(-96 // min(width, 96))
+    scales = rng.uniform(0.001, 0.01, size=(24, blocks)).astype(np.float32)
+    t = torch.from_numpy(x)
+    got, s = activation_codes(t[:, : min(width, 96)], act_scale)
+    want, want_s = activations_reference(x[:, : min(width, 96)], width, act_scale)
+    assert np.array_equal(got.view(torch.uint8).numpy(), want)
+    assert np.array_equal(s.numpy()[:, 0], want_s[:, 0])
+    block_scales = torch.from_numpy(scales.T.copy())
+    y = scaled_product(t, torch.from_numpy(codes), block_scales, width, act_scale).numpy()
+    ref = scaled_reference(x, codes, scales, width, act_scale)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("layout, config", [("hf", "tiny-window"), ("mistral", "tiny-latent")])
+def test_fp8_scaled_multiplies_every_fp8_projection_in_fp8(tmp_path, layout, config):
+    """--fp8 scaled on whole models (blocks of 32; Mistral's per-tensor scales with a static
+    qscale_act of 0.5, latent attention and experts): the dequantized model whose FP8
+    projections see their inputs quantized as the kernels do (numpy) gives the same logits."""
+    import torch
+
+    from backends.torch.quantized import FP8Linear
+
+    args = tiny(config)
+    (fp8_folder if layout == "hf" else mistral_fp8_folder)(tmp_path / "f", args)
+    rows = random_rows([21, 9], args.vocab_size, 3)
+    scaled = mistral.load(tmp_path / "f", device="cpu", dtype="float32", fp8="scaled")
+    plain = mistral.load(tmp_path / "f", device="cpu", dtype="float32")
+    apart = max_diff(scaled.logits(rows), plain.logits(rows))
+    assert apart > 1e-2  # the activations' e4m3 rounding shows
+
+    def quantized_inputs(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).numpy()
+        codes, s = activations_reference(x, module.width, module.act_scale)
+        width = min(module.width, x.shape[-1])
+        values = E4M3[codes] * np.repeat(s, width, axis=-1)[:, : x.shape[-1]]
+        return (torch.from_numpy(values).view_as(inputs[0]),)
+
+    fp8 = [m for m in plain.runner.model.modules() if isinstance(m, FP8Linear)]
+    assert len(fp8) >= 4 * args.n_layers
+    for module in fp8:
+        module.register_forward_pre_hook(quantized_inputs)
+    assert max_diff(scaled.logits(rows), plain.logits(rows)) <= 1e-4 * apart
+    if layout == "mistral":
+        assert {m.act_scale for m in fp8} == {0.5}
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_a_static_activation_scale_must_be_a_positive_number(tmp_path, value):
+    """A qscale_act that no product could use is refused at reading, in one line."""
+    from mistral.safetensors_file import read_tensors
+
+    mistral_fp8_folder(tmp_path / "f", tiny("tiny-dense"))
+    path = tmp_path / "f" / "consolidated.safetensors"
+    tensors = {k: RawTensor(t.dtype, np.array(t.data)) for k, t in read_tensors(path).items()}
+    name = next(k for k in tensors if k.endswith(".qscale_act"))
+    tensors[name] = from_numpy(np.full((), value, np.float32))
+    path.unlink()
+    write_tensors(path, list(tensors.items()))
+    with pytest.raises(mistral.MistralError, match="not a positive scale") as e:
+        read_checkpoint(tmp_path / "f")
+    assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fp8_scaled_is_refused_where_it_cannot_run(tmp_path):
+    """MLX has no FP8 products, and a device without them is named: both in one line, exit 1."""
+    from mistral.checkpoint import DEFAULT_MODEL
+    from tests.test_hostile import run_cli
+
+    fp8_folder(tmp_path / "f", read_checkpoint(DEFAULT_MODEL).args)
+    argv = ["generate", "--model", str(tmp_path / "f"), "--tokenizer"]
+    argv += [str(DEFAULT_MODEL / "tokenizer.model"), "--prompt", "In"]
+    out = run_cli(*argv, "--backend", "mlx", "--fp8", "scaled")
+    assert out.returncode == 1 and "MLX dequantizes" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = run_cli(*argv, "--device", "cpu", "--fp8", "scaled", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    # a device whose products fail (CUDA before 8.9 answers so) is named in one line
+    broken = "import torch; torch._scaled_mm = lambda *a, **k: (_ for _ in ()).throw("
+    broken += "RuntimeError('torch._scaled_mm is only supported on CUDA devices with compute "
+    broken += "capability >= 9.0 or 8.9'))"
+    out = run_cli(*argv, "--device", "cpu", "--fp8", "scaled", code=broken)
+    assert out.returncode == 1 and "no FP8 products on cpu" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

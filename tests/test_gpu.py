@@ -117,3 +117,19 @@ def test_cuda_keeps_quantized_codes_and_matches_cpu(tmp_path, bits):
     on = {d: mistral.load(tmp_path / "q", device=d, dtype="bfloat16") for d in ("cpu", "cuda")}
     wq = {d: m.runner.model.layers[0].attention.wq.weight_of().cpu() for d, m in on.items()}
     assert torch.equal(wq["cpu"], wq["cuda"])  # dequantized in bfloat16, bit for bit
+
+
+def test_cuda_fp8_products_match_the_cpus(tmp_path):
+    """--fp8 scaled on CUDA (torch._scaled_mm with float32 sums per block of 32 inputs): the
+    CPU's FP8 products, up to the float sums' order (an activation near a rounding edge of e4m3
+    may land on the other side): far closer to them than the dequantized weights' logits are."""
+    cuda_or_skip()
+    from tests.test_fp8 import fp8_folder
+
+    args = tiny("tiny-window")
+    fp8_folder(tmp_path / "f", args)
+    rows = random_rows([45, 7, 20], args.vocab_size, 0)
+    load = lambda d, fp8: mistral.load(tmp_path / "f", device=d, dtype="float32", fp8=fp8)  # noqa: E731
+    cpu, gpu = load("cpu", "scaled").logits(rows), load("cuda", "scaled").logits(rows)
+    apart = max_diff(cpu, load("cpu", "dequantize").logits(rows))
+    assert max_diff(gpu, cpu) <= 0.1 * apart

@@ -269,6 +269,10 @@ def test_tokenizer_decode_outside_its_vocabulary_is_named():
         (["diff", "--tokens", "1,2", "--plot", "/nonexistent/x.png"], "its folder does not exist"),
         (["generate", "--prompt", "x", "--temperature", "nan"], "temperature must be >= 0"),
         (["generate", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
+        (
+            ["generate", "--prompt", "x", "--fp8", "scaled"],
+            "multiplies FP8 weights, and it has none",
+        ),
     ],
 )
 def test_command_line_refusals_are_one_line(argv, message):

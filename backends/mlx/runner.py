@@ -171,9 +171,12 @@ def build(
     dtype: str | None,
     compile: bool = False,
     parallel: str | None = None,
+    fp8: str = "dequantize",
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
+    if fp8 == "scaled":  # MLX has no FP8 product
+        raise MistralError("fp8 scaled is the torch backend's (torch._scaled_mm); MLX dequantizes")
     own_thread_streams()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

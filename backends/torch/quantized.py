@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.torch.model import Linear, Router
+from mistral.errors import MistralError
 from mistral.fp8 import E4M3, FP8Tensor
 from mistral.quant import FP4, Quantization, QuantizedTensor
 from mistral.weights import RawTensor, release
@@ -126,19 +127,24 @@ class QuantizedLinear(nn.Module):
 
 class FP8Linear(QuantizedLinear):
     """x @ W.T with W held as e4m3 codes and a float32 scale per block (Hugging Face's and
-    Mistral's FP8 checkpoints), dequantized at each call as FP8Tensor.dequantized computes it:
-    each code's value times its block's scale in float32, rounded once to the dtype. The scales
-    are kept per row (out, blocks across): rows reordered (HF's wq/wk) keep their own."""
+    Mistral's FP8 checkpoints). By default dequantized at each call as FP8Tensor.dequantized
+    computes it: each code's value times its block's scale in float32, rounded once to the dtype.
+    ``scaled``: multiplied in FP8 instead (scaled_product). The scales are kept per row (out,
+    blocks across): rows reordered (HF's wq/wk) keep their own."""
 
     @classmethod
-    def of(cls, t: FP8Tensor, dtype: torch.dtype, device: torch.device) -> FP8Linear:
+    def of(
+        cls, t: FP8Tensor, dtype: torch.dtype, device: torch.device, scaled: bool = False
+    ) -> FP8Linear:
         rows = np.arange(t.shape[0]) if t.rows is None else t.rows
         codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
         scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
         release(t.codes.source, t.scale_inv.source)  # their file pages, copied
         layer = cls(torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device),
                     None, None, dtype)  # fmt: skip
-        layer.width = t.block[1]
+        layer.width, layer.act_scale, layer.scaled = t.block[1], t.act_scale, scaled
+        if scaled:  # each block's scales in a row of their own, as _scaled_mm takes them
+            layer.register_buffer("block_scales", layer.scales.T.contiguous(), persistent=False)
         return layer
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
@@ -146,12 +152,76 @@ class FP8Linear(QuantizedLinear):
         scales = self.scales[rows].repeat_interleave(self.width, dim=-1)[..., : values.shape[-1]]
         return (values * scales).to(self.dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scaled:
+            return super().forward(x)
+        rows = x.flatten(0, -2)  # (M, in)
+        y = scaled_product(rows, self.codes, self.block_scales, self.width, self.act_scale)
+        return y.to(x.dtype).unflatten(0, x.shape[:-1])
+
+
+E4M3_MAX = 448.0
+
+
+def activation_codes(x: torch.Tensor, act_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, k) activations -> their e4m3 codes (M, k) and float32 scales (M, 1): x / s rounded to
+    the nearest e4m3 value, s the static scale where there is one, else each row's largest |x|
+    (at least 1e-10) / 448, as vLLM's and transformers' FP8 kernels quantize."""
+    x = x.float()
+    if act_scale is None:
+        s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / E4M3_MAX
+    else:
+        s = x.new_full((len(x), 1), act_scale)
+    return (x / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+
+
+def scaled_product(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    block_scales: torch.Tensor,
+    width: int,
+    act_scale: float | None,
+) -> torch.Tensor:
+    """(M, n) activations times (out, n) uint8 e4m3 codes with their (ceil(n / width), out)
+    scales -> (M, out) float32, multiplied in FP8 (torch._scaled_mm: an FP8 product with float32
+    sums, on CUDA GPUs of compute capability 8.9 and up, and the CPU): the activations quantized
+    per block of ``width`` inputs (activation_codes), each block's product scaled by both
+    scales, the blocks summed in float32 (DeepSeek-V3's FP8 GEMM)."""
+    weight = codes.view(torch.float8_e4m3fn)
+    y = None
+    for i, start in enumerate(range(0, x.shape[-1], width)):
+        a, s = activation_codes(x[:, start : start + width], act_scale)
+        part = torch._scaled_mm(
+            a,
+            weight[:, start : start + width].t(),  # (width, out), column-major as it must be
+            scale_a=s,
+            scale_b=block_scales[i][None],  # (1, out)
+            out_dtype=torch.float32,
+        )
+        y = part if y is None else y + part
+    assert y is not None
+    return y
+
 
 class QuantizedEmbedding(QuantizedLinear):
     """Rows of a quantized table, dequantized as they are looked up."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_of(ids)  # (B, T, dim)
+
+
+def check_fp8_products(device: torch.device) -> None:
+    """Refuses, in one line, a device without FP8 products (CUDA before compute capability 8.9,
+    MPS): one tiny product tried there."""
+    try:
+        x, codes = torch.ones(16, 32, device=device), torch.ones(16, 32, dtype=torch.uint8)
+        scaled_product(x, codes.to(device), torch.ones(1, 16, device=device), 32, None).sum().item()
+    except (RuntimeError, TypeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MistralError(
+            f"fp8 scaled: no FP8 products on {device} ({reason}); they need a CUDA GPU of compute "
+            "capability 8.9 or later, or the CPU"
+        ) from None
 
 
 def from_raw(t: RawTensor) -> torch.Tensor:
@@ -177,10 +247,14 @@ def quantize_modules(
     tied: bool,
     dtype: torch.dtype,
     device: torch.device,
+    fp8: str = "dequantize",
 ) -> set[str]:
     """Each module whose weight is one of ``tensors`` and stays codes (kept_as_codes) becomes
     its quantized twin (the output projection of tied embeddings shares the table's codes; FP8
-    weights: FP8Linear); the names of the weights they took."""
+    weights: FP8Linear, multiplying in FP8 when ``fp8`` is "scaled"); the names of the weights
+    they took."""
+    if fp8 == "scaled":
+        check_fp8_products(device)
     modules = dict(model.named_modules())
     taken = set()
     for key, t in tensors.items():
@@ -191,13 +265,17 @@ def quantize_modules(
         if isinstance(t, FP8Tensor):  # a projection's (a float8 table is dequantized at load)
             if name == "tok_embeddings":
                 continue
-            twin: type[QuantizedLinear] = FP8Linear
+            module: QuantizedLinear = FP8Linear.of(t, dtype, device, fp8 == "scaled")
         else:
             twin = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear
-        module = twin.of(t, dtype, device)
+            module = twin.of(t, dtype, device)
         setattr(model.get_submodule(".".join(parents)), name, module)
         taken.add(key)
-        if twin is QuantizedEmbedding and tied and kept_as_codes("output", model.output):
+        if (
+            isinstance(module, QuantizedEmbedding)
+            and tied
+            and kept_as_codes("output", model.output)
+        ):
             model.output = QuantizedLinear(
                 module.codes, module.scales, module.biases, module.q, dtype
             )

@@ -199,6 +199,7 @@ def build(
     dtype: str | None,
     compile: bool = False,
     parallel: str | None = None,
+    fp8: str = "dequantize",
 ) -> Runner:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -217,7 +218,7 @@ def build(
     if pipeline is not None:
         stage(model, args, pipeline, dt)
     codes = {k: t for k, t in tensors.items() if isinstance(t, QuantizedTensor | FP8Tensor)}
-    taken = quantize_modules(model, codes, args.tied_embeddings, dt, dev)  # kept as codes
+    taken = quantize_modules(model, codes, args.tied_embeddings, dt, dev, fp8)  # kept as codes
     state = {}
     for k, t in tensors.items():  # other quantized weights: dequantized in the run's dtype
         kept = torch.float32 if k.endswith(FLOAT32_KEYS) else dt

@@ -16,7 +16,7 @@ from mistral.bench_report import format_report
 from mistral.bench_report import plot as plot_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
 from mistral.cli.options import launcher_rank
-from mistral.contract import BACKENDS
+from mistral.contract import BACKENDS, FP8_PRODUCTS
 from mistral.diff import continuation, load_side, precision_of, run_diff
 from mistral.diff import plot as plot_diff
 from mistral.errors import MistralError
@@ -169,6 +169,9 @@ class Bench:
     """Comma-separated references to run on the same weights: hf, mlx-lm."""
     compile: bool = False
     """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
+    fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
+    """How an FP8 folder's weights multiply (as generate's --fp8): dequantize, or scaled (torch:
+    FP8 products, the activations quantized too)."""
     parallel: str | None = sp.choice("tensor", "pipeline", default=None)
     """Measure one model split over the ranks torchrun or mlx.launch started (as generate's
     --parallel): rank 0 prints the report; every rank prints one line with the memory its share
@@ -233,6 +236,7 @@ class Bench:
             compare,
             self.compile,
             self.parallel,
+            self.fp8,
         )
         rank = launcher_rank() if self.parallel else 0
         report = run_bench(
