@@ -326,33 +326,38 @@ def scaled_reference(x, codes, scales, width, act_scale):
 
 
 @pytest.mark.parametrize(
-    "width, act_scale", [(32, None), (48, None), (1 << 62, None), (1 << 62, 0.05)]
+    "width, act_scale", [(32, None), (48, None), (50, None), (1 << 62, None), (1 << 62, 0.05)]
 )
 def test_fp8_products_are_the_fp8_kernels(width, act_scale):
     """torch's FP8 product (torch._scaled_mm per block of inputs) against the definition in
     numpy: the activations' codes bit for bit (torch's cast against a rounding of our own, ties
     and saturation included: the static 0.05 makes |x| / s pass 448), the product to float32
-    sums. Ragged blocks (96 inputs in blocks of 48 or 32, one whole-row block)."""
+    sums. 100 inputs: the last block ragged in 32s and 48s, whole in 50s and in one block."""
     import torch
 
-    from backends.torch.quantized import activation_codes, scaled_product
+    from backends.torch.quantized import FP8Linear, activation_codes, scaled_product
 
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((5, 96)) * rng.choice([0.01, 1, 30], size=(5, 1))).astype(np.float32)
+    n = 100
+    x = (rng.standard_normal((5, n)) * rng.choice([0.01, 1, 30], size=(5, 1))).astype(np.float32)
     x[1, :40] = 0  # an all-zero block: the 1e-10 floor, no 0 / 0
-    codes = rng.integers(0, 256, size=(24, 96)).astype(np.uint8)
+    codes = rng.integers(0, 256, size=(24, n)).astype(np.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0x42  # no NaN codes
-    blocks = -(-96 // min(width, 96))
+    blocks = -(-n // min(width, n))
     scales = rng.uniform(0.001, 0.01, size=(24, blocks)).astype(np.float32)
     t = torch.from_numpy(x)
-    got, s = activation_codes(t[:, : min(width, 96)], act_scale)
-    want, want_s = activations_reference(x[:, : min(width, 96)], width, act_scale)
+    got, s = activation_codes(t[:, : min(width, n)], act_scale)
+    want, want_s = activations_reference(x[:, : min(width, n)], width, act_scale)
     assert np.array_equal(got.view(torch.uint8).numpy(), want)
     assert np.array_equal(s.numpy()[:, 0], want_s[:, 0])
     block_scales = torch.from_numpy(scales.T.copy())
     y = scaled_product(t, torch.from_numpy(codes), block_scales, width, act_scale).numpy()
     ref = scaled_reference(x, codes, scales, width, act_scale)
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    # the dequantized weight (whole blocks broadcast, a ragged last one repeated): bit for bit
+    fp8 = FP8Tensor(RawTensor("float8_e4m3", codes), from_numpy(scales), (1, min(width, n)))
+    layer = FP8Linear.of(fp8, torch.float32, torch.device("cpu"), scaled=True)
+    assert np.array_equal(layer.weight_of().numpy(), fp8.dequantized("float32").to_numpy())
 
 
 @pytest.mark.parametrize("layout, config", [("hf", "tiny-window"), ("mistral", "tiny-latent")])

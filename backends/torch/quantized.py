@@ -148,8 +148,12 @@ class FP8Linear(QuantizedLinear):
         return layer
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        values = values_of("e4m3", self.codes.device)[self.codes[rows].int()]  # (out, in) float32
-        scales = self.scales[rows].repeat_interleave(self.width, dim=-1)[..., : values.shape[-1]]
+        values = self.codes[rows].view(torch.float8_e4m3fn).float()  # (out, in): E4M3's values
+        n, scales = values.shape[-1], self.scales[rows]
+        if n % min(self.width, n) == 0:  # whole blocks: each scale broadcast over its block
+            blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
+            return (blocks * scales[..., None]).flatten(-2).to(self.dtype)
+        scales = scales.repeat_interleave(self.width, dim=-1)[..., :n]  # the last block ragged
         return (values * scales).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
