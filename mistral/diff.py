@@ -18,6 +18,7 @@ from mistral.api import Model, from_tensors
 from mistral.checkpoint import Checkpoint
 from mistral.contract import REFERENCES, reference
 from mistral.errors import MistralError
+from mistral.fp8 import FP8Tensor
 from mistral.quant import QuantizedTensor
 from mistral.taps import kind, layer
 from mistral.tokenizer import Tokenizer
@@ -27,11 +28,14 @@ if TYPE_CHECKING:  # matplotlib is imported only to draw
 
 # Relative error allowed per tap, by the coarser precision of the two sides: its dtype, or how its
 # folder's weights are quantized (measured on the embedded model against its bfloat16 weights, the
-# largest tap error: 8-bit 0.017, 4-bit 0.18, mxfp4 0.27, 3-bit 0.48; 6, 5 and 2 bits in between).
+# largest tap error: 8-bit 0.017, 4-bit 0.18, mxfp4 0.27, 3-bit 0.48; 6, 5 and 2 bits in between;
+# FP8 in blocks of 128 0.060, and 0.076 with the activations quantized too, fp8 scaled).
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2, "8-bit": 5e-2, "6-bit": 0.1}
+TOLERANCE |= {"fp8": 0.15, "fp8 scaled": 0.2}
 TOLERANCE |= {"5-bit": 0.2, "4-bit": 0.4, "mxfp4": 0.6, "3-bit": 1.0, "2-bit": 2.0}
 # Fraction of tokens whose chosen experts may differ (near-ties flip in half precision).
 EXPERT_TOLERANCE = {"float32": 0.0, "float16": 0.05, "bfloat16": 0.1, "8-bit": 0.1, "6-bit": 0.15}
+EXPERT_TOLERANCE |= {"fp8": 0.15, "fp8 scaled": 0.2}
 EXPERT_TOLERANCE |= {"5-bit": 0.2, "4-bit": 0.25, "mxfp4": 0.3, "3-bit": 0.4, "2-bit": 0.5}
 COARSENESS = list(TOLERANCE)
 
@@ -68,8 +72,9 @@ class OurSide:
         return self.model.trace_step(prompt, tokens)
 
 
-def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
-    """'torch:cpu:float32' -> ('torch:cpu:float32', side); device and dtype may be left out."""
+def load_side(spec: str, ckpt: Checkpoint, fp8: str = "dequantize") -> tuple[str, Side]:
+    """'torch:cpu:float32' -> ('torch:cpu:float32', side); device and dtype may be left out.
+    ``fp8``: how our backend multiplies the folder's FP8 weights (contract.FP8_PRODUCTS)."""
     parts = spec.split(":")
     if not 1 <= len(parts) <= 3 or not parts[0]:
         raise MistralError(f"side {spec!r}: expected backend[:device[:dtype]]")
@@ -79,19 +84,22 @@ def load_side(spec: str, ckpt: Checkpoint) -> tuple[str, Side]:
     if backend in REFERENCES:  # contract.Reference does not declare step_taps yet
         side = cast(Side, reference(backend, ckpt.args, ckpt.tensors, device, dtype))
     else:
-        side = OurSide(
-            from_tensors(ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
-        )
-    return f"{backend}:{side.device}:{side.dtype}", side
+        built = (ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
+        side = OurSide(from_tensors(*built, fp8=fp8))
+    scaled = " (fp8 scaled)" if fp8 == "scaled" else ""
+    return f"{backend}:{side.device}:{side.dtype}{scaled}", side
 
 
-def precision_of(ckpt: Checkpoint, dtype: str) -> str:
-    """A side's precision for the tolerance: its dtype, or its folder's coarsest quantization."""
+def precision_of(ckpt: Checkpoint, dtype: str, fp8: str = "dequantize") -> str:
+    """A side's precision for the tolerance: its dtype, or its folder's coarsest quantization
+    (FP8 weights: "fp8", or "fp8 scaled" when the activations are quantized too)."""
     names = [
         "mxfp4" if t.q.mode == "mxfp4" else f"{t.q.bits}-bit"
         for t in ckpt.tensors.values()
         if isinstance(t, QuantizedTensor)
     ]
+    if any(isinstance(t, FP8Tensor) for t in ckpt.tensors.values()):
+        names.append("fp8 scaled" if fp8 == "scaled" else "fp8")
     return max([dtype, *names], key=COARSENESS.index)
 
 

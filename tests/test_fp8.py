@@ -25,15 +25,16 @@ def test_the_e4m3_table_is_torchs():
     assert np.array_equal(E4M3[~np.isnan(E4M3)], theirs[~np.isnan(theirs)])
 
 
-def fp8_folder(path, args, block: int = 32):
+def fp8_folder(path, args, block: int = 32, weights=None):
     """An FP8 folder made as DeepSeek-V3's are: each 2-D projection's blocks scaled to e4m3's
-    range (448), the codes cast by torch; returns the weights as torch dequantizes them."""
+    range (448), the codes cast by torch; returns the weights as torch dequantizes them. The
+    weights: ``weights`` (named by checkpoint keys), else seeded random ones."""
     import torch
 
-    tensors = hf.tensors_to_hf(args, random_weights(args, seed=2))
+    tensors = hf.tensors_to_hf(args, weights or random_weights(args, seed=2))
     stored, expected = {}, {}
     for name, t in tensors.items():
-        w = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        w = torch.from_numpy(np.array(t.to_numpy(), dtype=np.float32))
         if w.ndim != 2 or "embed" in name or "lm_head" in name:
             stored[name], expected[name] = t, w.numpy()
             continue
@@ -430,3 +431,34 @@ def test_fp8_scaled_is_refused_where_it_cannot_run(tmp_path):
     out = run_cli(*argv, "--device", "cpu", "--fp8", "scaled", code=broken)
     assert out.returncode == 1 and "no FP8 products on cpu" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_diff_holds_fp8_sides_to_their_tolerance(tmp_path):
+    """diff of the embedded model against its FP8 conversion (blocks of 128), the activations
+    quantized too (--b-fp8 scaled): the sides agree within "fp8 scaled", the error plainly there;
+    one layer's scales spoiled is named at that layer."""
+    import dataclasses as dc
+
+    from mistral.checkpoint import DEFAULT_MODEL
+    from mistral.diff import load_side, precision_of, run_diff
+    from mistral.tokenizer import Tokenizer
+
+    full = read_checkpoint(DEFAULT_MODEL)
+    fp8_folder(tmp_path / "f", full.args, 128, dict(full.tensors))
+    fp8 = read_checkpoint(tmp_path / "f")
+    assert precision_of(fp8, "float32") == "fp8"
+    precisions = ("float32", precision_of(fp8, "float32", "scaled"))
+    assert precisions[1] == "fp8 scaled"
+    tokens = Tokenizer(DEFAULT_MODEL / "tokenizer.model").encode("And it came to pass, when")
+    a = load_side("torch:cpu:float32", full)
+    name, b = load_side("torch:cpu:float32", fp8, "scaled")
+    assert name.endswith("(fp8 scaled)")
+    report = run_diff(a, (name, b), tokens, precisions=precisions)
+    assert report.agree and max(t.rel for t in report.taps) > 2e-2, report.table()
+    t = fp8.tensors["layers.2.attention.wo.weight"]
+    spoiled = dc.replace(t, scale_inv=from_numpy(t.scale_inv.to_numpy() * 4))
+    bad = dc.replace(fp8, tensors={**fp8.tensors, "layers.2.attention.wo.weight": spoiled})
+    report = run_diff(
+        a, load_side("torch:cpu:float32", bad, "scaled"), tokens, precisions=precisions
+    )
+    assert not report.agree and report.first_divergence == "layers.2.attention"

@@ -62,6 +62,12 @@ class Diff:
     """Side a: backend[:device[:dtype]], backend one of torch, mlx, hf (transformers), mlx-lm."""
     b: str = "mlx:cpu:float32"
     """Side b, as --a."""
+    a_fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
+    """How side a (one of our backends) multiplies an FP8 folder's weights, as generate's --fp8:
+    dequantize, or scaled (torch: FP8 products, the activations quantized too)."""
+    b_fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
+    """Side b's, as --a-fp8 (--model F --a torch --b torch --b-fp8 scaled: what quantizing the
+    activations changes)."""
     prompt: str | None = None
     """Text to run (needs the model's tokenizer)."""
     tokens: str | None = None
@@ -101,8 +107,14 @@ class Diff:
                     raise
         ids = self.token_ids(tokenizer, ckpt_a)
         decode = continuation(tokenizer) if tokenizer is not None else None
-        side_a, side_b = load_side(self.a, ckpt_a), load_side(self.b, ckpt_b)
-        precisions = (precision_of(ckpt_a, side_a[1].dtype), precision_of(ckpt_b, side_b[1].dtype))
+        side_a, side_b = (
+            load_side(self.a, ckpt_a, self.a_fp8),
+            load_side(self.b, ckpt_b, self.b_fp8),
+        )
+        precisions = (
+            precision_of(ckpt_a, side_a[1].dtype, self.a_fp8),
+            precision_of(ckpt_b, side_b[1].dtype, self.b_fp8),
+        )
         report = run_diff(side_a, side_b, ids, self.generate, decode, precisions)
         report.a_model, report.b_model = str(ckpt_a.path), str(ckpt_b.path)
         print(report.table())
