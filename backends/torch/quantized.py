@@ -30,7 +30,7 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:  # whole codes in every byte (the words are little-endian)
         octets = words.view(torch.uint8)  # (..., 4W)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
-        return ((octets[..., None] >> shifts) & mask).flatten(-2)
+        return (octets[..., None] >> shifts).bitwise_and_(mask).flatten(-2)  # in place: one copy
     t = split_codes(bits, words.device)
     blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
     low = (blocks[..., t["word"]] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
@@ -74,8 +74,8 @@ def dequantize(
     scale), then rounded."""
     groups = codes.unflatten(-1, (-1, q.group_size))  # (..., n / g, g)
     if biases is not None:
-        w = groups.to(dtype) * scales[..., None].to(dtype) + biases[..., None].to(dtype)
-        return w.flatten(-2)
+        w = groups.to(dtype)  # in place from here: one block-sized buffer, not three
+        return w.mul_(scales[..., None].to(dtype)).add_(biases[..., None].to(dtype)).flatten(-2)
     values = values_of("e4m3" if q.mode == "mxfp8" else "e2m1", codes.device)
     if q.mode == "nvfp4":
         scale = values_of("e4m3", codes.device)[scales.int()]
