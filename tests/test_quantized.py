@@ -465,3 +465,20 @@ def test_convert_quantize_of_a_mixtral_writes_what_mlx_lm_writes(tmp_path, bits,
     torch_logits = mistral.load(tmp_path / "ours", device="cpu", dtype="float32").logits(rows)
     mlx_logits = mistral.load(tmp_path / "ours", "mlx", "cpu", "float32").logits(rows)
     assert max_diff(torch_logits, mlx_logits) <= 1e-4
+
+
+def test_the_compiled_decode_step_keeps_the_codes(quantized):
+    """--compile on mlx-lm's 4-bit folder: torch.compile of the decode step with the quantized
+    layers in it (inductor compiles each block's unpacking and dequantization into one kernel
+    before its product; on CUDA the step replays as a CUDA graph): the codes stay codes, greedy
+    tokens equal eager's, logits to float32 rounding (the compiled dequantization may round
+    code * scale + bias once where eager rounds twice)."""
+    eager = mistral.load(quantized, device="cpu", dtype="float32")
+    compiled = mistral.load(quantized, device="cpu", dtype="float32", compile=True)
+    wq = compiled.runner.model.layers[0].attention.wq
+    assert type(wq).__name__ == "QuantizedLinear" and compiled.runner.decode_model is not None
+    rows = random_rows([10, 7], BASE.vocab_size, 10)
+    tokens = compiled.generate(rows, 12)
+    assert tokens == eager.generate(rows, 12)
+    full = [r + t for r, t in zip(rows, tokens, strict=True)]
+    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
