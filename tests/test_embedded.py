@@ -151,16 +151,16 @@ def four_bit(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_quantized_folder_in_bfloat16_flips_only_near_ties(rows, four_bit, backend):
-    """bfloat16 activations on the 4-bit codes against float32 ones on the same codes: every
-    position whose argmax changes is a near tie in float32 (the two best within 0.125, two
-    bfloat16 steps at logits of 8 to 16). Here 13 (torch) and 20 (MLX) of the 1582 positions
-    flip (99.2% and 98.7% kept; the issue asks 99%), at margins up to 0.077 and 0.095; the
-    bfloat16 model itself keeps 99.4%, its weights exact in bfloat16 where the 4-bit ones are
-    not."""
+    """bfloat16 activations on the 4-bit codes against float32 ones on the same codes keep the
+    argmax on 99% of the positions (13 of the 1582 flip on either backend: 99.18% kept; MLX
+    flipped 20 while its CPU attention computed in bfloat16), and every position whose argmax
+    changes is a near tie in float32 (the two best within 0.125, two bfloat16 steps at logits
+    of 8 to 16). The bfloat16 model itself keeps 99.4% (torch) and 99.6% (MLX), its weights
+    exact in bfloat16 where the 4-bit ones are not."""
     load = lambda dtype: mistral.load(four_bit, backend=backend, device="cpu", dtype=dtype)  # noqa: E731
     full = np.concatenate(load("float32").logits(rows))
     half = np.concatenate(load("bfloat16").logits(rows))
     best = np.sort(full, axis=-1)
     flips = full.argmax(-1) != half.argmax(-1)
     assert (best[flips, -1] - best[flips, -2]).max(initial=0) < 0.125
-    assert flips.mean() <= 0.02, flips.mean()
+    assert flips.mean() <= 0.01, flips.mean()

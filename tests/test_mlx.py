@@ -85,8 +85,55 @@ def test_half_precision_runs_and_stays_close(trio, dtype):
     a, b = np.concatenate(m.logits(rows)), np.concatenate(half.logits(rows))
     assert np.isfinite(b).all()
     # Relative error of the logits is what half precision costs; argmax is checked on the trained
-    # embedded model (random weights make near-ties).
-    assert float(np.abs(a - b).max() / np.abs(a).max()) < 0.1
+    # embedded model (random weights make near-ties). A position whose router chose other
+    # experts is left out, if that choice was a near tie in float32 (its k-th and next best
+    # gate logits within 0.05; tiny-moe in bfloat16 has one, 0.018 apart).
+    err = np.abs(a - b).max(-1) / np.abs(a).max()  # per position
+    tied = np.zeros(len(err), bool)
+    traces = [[side.trace(r) for r in rows] for side in (m, half)] if args.moe else []
+    for name in [f"layers.{i}" for i in range(args.n_layers) if traces and args.moe_layer(i)]:
+        k = args.moe.num_experts_per_tok
+        f32, low = (
+            np.sort(np.concatenate([t[f"{name}.experts"] for t in ts]), -1) for ts in traces
+        )
+        other = (f32 != low).any(-1)  # positions whose experts differ
+        gates = np.sort(np.concatenate([t[f"{name}.router_logits"] for t in traces[0]]), -1)
+        assert (gates[other, -k] - gates[other, -k - 1]).max(initial=0) < 0.05
+        tied |= other
+    assert tied.mean() <= 0.05 and float(err[~tied].max()) < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_attention_on_the_cpu_is_as_close_as_torchs(dtype):
+    """MLX 0.32's CPU attention computes in the inputs' dtype (its bfloat16 error twice torch's);
+    ours computes half precision in float32 there: against float64, within 1.25x of the error
+    of torch's own half-precision attention on the same inputs, GQA and a mask included."""
+    import mlx.core as mx
+    import torch
+
+    from backends.mlx.model import scaled_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, H, 200, 48)).astype(np.float32) * 2 for H in (4, 2, 2))
+    mask = np.tril(np.ones((200, 200), bool))[None, None]
+    wide = [torch.from_numpy(a).double() for a in (q, k, v)]
+    truth = torch.nn.functional.scaled_dot_product_attention(
+        *wide, attn_mask=torch.from_numpy(mask), enable_gqa=True
+    ).numpy()
+    half = [torch.from_numpy(a).to(getattr(torch, dtype)) for a in (q, k, v)]
+    theirs = (
+        torch.nn.functional.scaled_dot_product_attention(
+            *half, attn_mask=torch.from_numpy(mask), enable_gqa=True
+        )
+        .float()
+        .numpy()
+    )
+    with mx.stream(mx.cpu):
+        ours = scaled_attention(*(mx.array(a).astype(getattr(mx, dtype)) for a in (q, k, v)),
+                                mx.array(mask), 48**-0.5)  # fmt: skip
+        assert ours.dtype == getattr(mx, dtype)
+        ours = np.array(ours.astype(mx.float32))
+    assert np.abs(ours - truth).mean() <= 1.25 * np.abs(theirs - truth).mean()
 
 
 class ShuffledBook(CacheBook):

@@ -38,6 +38,19 @@ class Linear(nn.Linear):
         return super().__call__(x) if self.kernel is None else self.kernel(x, self.weight)
 
 
+def scaled_attention(
+    q: mx.array, keys: mx.array, values: mx.array, mask: mx.array, scale: float
+) -> mx.array:
+    """Softmax attention of (B, H, T, d) queries over (B, Hkv, K, d) keys and values, each key
+    head serving H / Hkv query heads (GQA); mask (B, 1, T, K) bool, True where a key is seen.
+    Half precision on the CPU runs in float32, rounded back: MLX 0.32's CPU kernel computes in
+    the inputs' dtype, with twice the error of torch's (Metal's sums are float32 already)."""
+    if q.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, keys, values, mask=mask, scale=scale)
+    wide = (a.astype(mx.float32) for a in (q, keys, values))
+    return mx.fast.scaled_dot_product_attention(*wide, mask=mask, scale=scale).astype(q.dtype)
+
+
 def rope(x: mx.array, step: Step) -> mx.array:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
     D = x.shape[-1]
@@ -77,9 +90,7 @@ class Attention(nn.Module):
         # Without a cache the step attends over the new tokens alone.
         keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
-        out = mx.fast.scaled_dot_product_attention(
-            q, keys, values, mask=step.mask, scale=self.scale
-        )  # (B, H, T, D)
+        out = scaled_attention(q, keys, values, step.mask, self.scale)  # (B, H, T, D)
         return self.wo(out.swapaxes(1, 2).reshape(B, T, -1))
 
 
@@ -150,9 +161,7 @@ class LatentAttention(nn.Module):
         k_ropes = mx.broadcast_to(k_ropes, (B, self.n_heads, K, self.rope))
         keys = mx.concatenate([k_nope, k_ropes], axis=-1)
         queries = mx.concatenate([q_nope, q_rope], axis=-1)  # (B, H, T, nope + rope)
-        return mx.fast.scaled_dot_product_attention(
-            queries, keys, values, mask=mask, scale=self.scale
-        )
+        return scaled_attention(queries, keys, values, mask, self.scale)
 
     def absorbed(
         self,
@@ -168,9 +177,7 @@ class LatentAttention(nn.Module):
         w_k, w_v = mx.split(w, [self.nope], axis=1)  # (H, nope, rank), (H, v, rank)
         queries = mx.concatenate([q_nope @ w_k, q_rope], axis=-1)  # (B, H, T, rank + rope)
         keys = mx.concatenate([latents, k_ropes], axis=-1)  # (B, 1, K, rank + rope), for all heads
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, latents, mask=mask, scale=self.scale
-        )  # (B, H, T, rank)
+        out = scaled_attention(queries, keys, latents, mask, self.scale)  # (B, H, T, rank)
         return out @ w_v.swapaxes(1, 2)  # (B, H, T, v)
 
 

@@ -38,6 +38,14 @@ class Linear(nn.Linear):
         return super().forward(x) if self.kernel is None else self.kernel(x, self.weight)
 
 
+def scaled_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Softmax attention of (B, H, T, d) queries over (B, Hkv, K, d) keys and values, each key
+    head serving H / Hkv query heads (GQA); mask (B, 1, T, K) bool, True where a key is seen."""
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+
+
 def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
     """Rotates the adjacent pairs (x[2i], x[2i+1]) of (B, H, T, D) by each token's angles."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex
@@ -75,9 +83,7 @@ class Attention(nn.Module):
         # Without a cache the step attends over the new tokens alone.
         keys, values = (k, v) if cache is None else cache.update(k, v, step)  # (B, Hkv, K, D)
         # GQA: each key/value head serves n_heads / n_kv_heads query heads.
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=step.mask, scale=self.scale, enable_gqa=True
-        )  # (B, H, T, D)
+        out = scaled_attention(q, keys, values, step.mask, self.scale)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -143,9 +149,7 @@ class LatentAttention(nn.Module):
         k_ropes = torch.broadcast_to(k_ropes, (B, self.n_heads, K, self.rope))
         keys = torch.cat([k_nope, k_ropes], dim=-1)
         queries = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
-        return F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, scale=self.scale
-        )
+        return scaled_attention(queries, keys, values, mask, self.scale)
 
     def absorbed(
         self, q_nope: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor
@@ -156,9 +160,7 @@ class LatentAttention(nn.Module):
         w_k, w_v = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, rank), (H, v, rank)
         queries = torch.cat([q_nope @ w_k, q_rope], dim=-1)  # (B, H, T, rank + rope)
         keys = torch.cat([latents, k_ropes], dim=-1)  # (B, 1, K, rank + rope), for all heads
-        out = F.scaled_dot_product_attention(
-            queries, keys, latents, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # (B, H, T, rank)
+        out = scaled_attention(queries, keys, latents, mask, self.scale)  # (B, H, T, rank)
         return out @ w_v.swapaxes(1, 2)  # (B, H, T, v)
 
 
