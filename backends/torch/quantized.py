@@ -275,11 +275,8 @@ def quantize_modules(
             module = twin.of(t, dtype, device)
         setattr(model.get_submodule(".".join(parents)), name, module)
         taken.add(key)
-        if (
-            isinstance(module, QuantizedEmbedding)
-            and tied
-            and kept_as_codes("output", model.output)
-        ):
+        shared = tied and kept_as_codes("output", model.output)  # the table's codes, twice
+        if isinstance(module, QuantizedEmbedding) and shared:
             model.output = QuantizedLinear(
                 module.codes, module.scales, module.biases, module.q, dtype
             )
