@@ -219,7 +219,7 @@ def from_tensors(
     compile: bool = False,
     tokenizer: Tokenizer | None = None,
     parallel: str | None = None,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> Model:
     """A Model from in-memory tensors named by checkpoint keys (e.g. ``weights.random_weights``)."""
     runner = build(backend, args, tensors, device, dtype, source, compile, parallel, fp8)
@@ -234,15 +234,16 @@ def load(
     compile: bool = False,
     tokenizer: str | Path | None = None,
     parallel: str | None = None,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> Model:
     """Loads a model folder (None: the embedded model) with its tokenizer; device and dtype are
     strings ("cuda:1", "bfloat16"), None = the best available. ``compile`` (torch) compiles the
     static-shape decode step, a CUDA graph on CUDA. ``tokenizer`` overrides the folder's.
     ``parallel="tensor"`` in a process started by torchrun: this rank's share of the model
     (heads and hidden units split, mistral/parallel.py), every rank returning the same logits.
-    ``fp8="scaled"`` (torch): FP8 weights multiply in FP8, the activations quantized to e4m3
-    as the folder says (mistral/fp8.py); by default they are dequantized to the run's dtype."""
+    FP8 weights (mistral/fp8.py) stay e4m3 bytes, dequantized where each projection runs;
+    ``fp8="dequantize"`` dequantizes them at load to the run's dtype (twice the memory, faster);
+    ``fp8="scaled"`` (torch) multiplies them in FP8, the activations quantized to e4m3 too."""
     ckpt = read_checkpoint(DEFAULT_MODEL if path is None else path)
     tok_path = tokenizer or ckpt.tokenizer_path
     tok = None if tok_path is None else Tokenizer(tok_path)

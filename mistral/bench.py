@@ -226,7 +226,7 @@ class BenchSetup:
     compare: tuple[str, ...] = ()
     compile: bool = False
     parallel: str | None = None  # under torchrun or mlx.launch: this rank's share
-    fp8: str = "dequantize"  # how FP8 weights multiply (contract.FP8_PRODUCTS)
+    fp8: str = "keep"  # what becomes of FP8 weights (contract.FP8_MODES)
 
 
 def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> dict:

@@ -25,9 +25,10 @@ from mistral.weights import RawTensor, check_tensors
 
 BACKENDS = ("torch", "mlx")  # each is also the name of the framework it imports
 REFERENCES = {"hf": "torch", "mlx-lm": "mlx"}  # outside references, by the backend that runs them
-# How FP8 weights multiply: dequantized to the run's dtype, or in FP8 with the activations
-# quantized too (mistral/fp8.py)
-FP8_PRODUCTS = ("dequantize", "scaled")
+# What becomes of FP8 weights (mistral/fp8.py): kept as e4m3 bytes and dequantized where each
+# projection runs; dequantized once, at load, to the run's dtype; or kept and multiplied in FP8,
+# the activations quantized too
+FP8_MODES = ("keep", "dequantize", "scaled")
 
 
 class Cache(Protocol):
@@ -105,8 +106,8 @@ class Backend(Protocol):
         """The model on a device ("cuda:1", "cpu"; None = the best) and dtype (None = the
         device's best); tensors are named by checkpoint keys and already checked. ``parallel``
         "tensor": this process's share of a model split over the launcher's ranks
-        (mistral/parallel.py), every rank giving the same logits. ``fp8`` (FP8_PRODUCTS): how
-        FP8 weights multiply, "dequantize" or "scaled" (mistral/fp8.py)."""
+        (mistral/parallel.py), every rank giving the same logits. ``fp8`` (FP8_MODES): what
+        becomes of FP8 weights, "keep", "dequantize" or "scaled" (mistral/fp8.py)."""
         ...
 
     def meter(self, args: ModelArgs, device: str | None, dtype: str | None) -> Meter:
@@ -145,14 +146,14 @@ def build(
     source: str,
     compile: bool = False,
     parallel: str | None = None,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> Runner:
     """Checks the tensors against the spec, then hands them to the backend."""
     check_tensors(args, {k: t.shape for k, t in tensors.items()}, source)
     if parallel is not None and parallel not in KINDS:
         raise MistralError(f"unknown parallel {parallel!r}: use {' or '.join(KINDS)}")
-    if fp8 not in FP8_PRODUCTS:
-        raise MistralError(f"unknown fp8 {fp8!r}: use {' or '.join(FP8_PRODUCTS)}")
+    if fp8 not in FP8_MODES:
+        raise MistralError(f"unknown fp8 {fp8!r}: use {', '.join(FP8_MODES)}")
     if fp8 == "scaled" and not any(isinstance(t, FP8Tensor) for t in tensors.values()):
         raise MistralError(f"{source}: fp8 scaled multiplies FP8 weights, and it has none")
     return backend(name).build(args, tensors, device, dtype, compile, parallel, fp8)

@@ -72,9 +72,9 @@ class OurSide:
         return self.model.trace_step(prompt, tokens)
 
 
-def load_side(spec: str, ckpt: Checkpoint, fp8: str = "dequantize") -> tuple[str, Side]:
+def load_side(spec: str, ckpt: Checkpoint, fp8: str = "keep") -> tuple[str, Side]:
     """'torch:cpu:float32' -> ('torch:cpu:float32', side); device and dtype may be left out.
-    ``fp8``: how our backend multiplies the folder's FP8 weights (contract.FP8_PRODUCTS)."""
+    ``fp8``: what our backend makes of the folder's FP8 weights (contract.FP8_MODES)."""
     parts = spec.split(":")
     if not 1 <= len(parts) <= 3 or not parts[0]:
         raise MistralError(f"side {spec!r}: expected backend[:device[:dtype]]")
@@ -90,7 +90,7 @@ def load_side(spec: str, ckpt: Checkpoint, fp8: str = "dequantize") -> tuple[str
     return f"{backend}:{side.device}:{side.dtype}{scaled}", side
 
 
-def precision_of(ckpt: Checkpoint, dtype: str, fp8: str = "dequantize") -> str:
+def precision_of(ckpt: Checkpoint, dtype: str, fp8: str = "keep") -> str:
     """A side's precision for the tolerance: its dtype, or its folder's coarsest quantization
     (FP8 weights: "fp8", or "fp8 scaled" when the activations are quantized too)."""
     names = [

@@ -25,6 +25,15 @@ def test_the_e4m3_table_is_torchs():
     assert np.array_equal(E4M3[~np.isnan(E4M3)], theirs[~np.isnan(theirs)])
 
 
+def test_mlx_reads_e4m3_as_the_table_does():
+    """MLX's kept FP8 layers decode their bytes by mx.from_fp8: every code as our table."""
+    import mlx.core as mx
+
+    theirs = np.array(mx.from_fp8(mx.array(np.arange(256, dtype=np.uint8)), mx.float32))
+    assert np.array_equal(np.isnan(E4M3), np.isnan(theirs))
+    assert np.array_equal(E4M3[~np.isnan(E4M3)], theirs[~np.isnan(theirs)])
+
+
 def fp8_folder(path, args, block: int = 32, weights=None):
     """An FP8 folder made as DeepSeek-V3's are: each 2-D projection's blocks scaled to e4m3's
     range (448), the codes cast by torch; returns the weights as torch dequantizes them. The
@@ -74,12 +83,24 @@ def test_an_fp8_folder_runs_as_its_dequantized_weights(tmp_path, backend):
     assert max_diff(ours.logits(rows), ref.logits(rows)) == 0.0  # the same weights, bit for bit
     plain = mistral.from_tensors(args, random_weights(args, seed=2), backend, "cpu", "float32")
     assert max_diff(ours.logits(rows), plain.logits(rows)) > 1e-4  # and e4m3 did round them
-    if backend == "torch":  # the projections kept as e4m3 bytes, a scale per block beside them
+    # the projections kept as e4m3 bytes, a scale per block beside them: under half the bytes
+    wq = ours.runner.model.layers[0].attention.wq
+    assert type(wq).__name__ == "FP8Linear"
+    if backend == "torch":
         from tests.test_quantized import torch_bytes
 
-        wq = ours.runner.model.layers[0].attention.wq
-        assert type(wq).__name__ == "FP8Linear" and wq.codes.dtype.itemsize == 1
-        assert torch_bytes(ours) < 0.5 * torch_bytes(ref)
+        assert wq.codes.dtype.itemsize == 1 and torch_bytes(ours) < 0.5 * torch_bytes(ref)
+    else:
+        from mlx.utils import tree_flatten
+
+        def mlx_bytes(model):
+            return sum(a.nbytes for _, a in tree_flatten(model.runner.model.parameters()))
+
+        assert wq.weight.itemsize == 1 and mlx_bytes(ours) < 0.5 * mlx_bytes(ref)
+    # --fp8 dequantize: once, at load, into plain layers; the same logits
+    whole = mistral.load(tmp_path / "fp8", backend=backend, device="cpu", fp8="dequantize")
+    assert type(whole.runner.model.layers[0].attention.wq).__name__ == "Linear"
+    assert max_diff(whole.logits(rows), ours.logits(rows)) == 0.0
 
 
 @pytest.mark.parametrize(

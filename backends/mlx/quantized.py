@@ -1,5 +1,5 @@
-"""Layers whose weights stay affine codes (mlx-lm's quantized folders), put in place of a built
-Transformer's Linear and Embedding modules by name, from outside the forward."""
+"""Layers whose weights stay codes (mlx-lm's quantized folders; FP8 checkpoints' e4m3 bytes), put
+in place of a built Transformer's Linear and Embedding modules by name, from outside the forward."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from backends.mlx.model import Linear, Router
 from mistral.fp8 import FP8Tensor
 from mistral.quant import Quantization, QuantizedTensor
-from mistral.weights import RawTensor
+from mistral.weights import RawTensor, release
 
 
 class QuantizedLinear(nn.Module):
@@ -69,14 +70,45 @@ class QuantizedEmbedding(QuantizedLinear):
         )
 
 
+ELEMENTS_AT_ONCE = 1 << 21  # FP8 weights dequantized at once, in blocks of rows (as torch's)
+
+
+class FP8Linear(nn.Module):
+    """x @ W.T with W held as e4m3 codes and a float32 scale per block, kept per row (rows
+    reordered, HF's wq/wk, keep their own), dequantized at each call as FP8Tensor.dequantized
+    computes it: each code's value times its block's scale in float32, rounded once to the
+    dtype; a block of rows at a time. MLX has no FP8 product (torch's --fp8 scaled)."""
+
+    def __init__(self, t: FP8Tensor, dtype: mx.Dtype) -> None:
+        super().__init__()
+        self.dtype, self.width = dtype, min(t.block[1], t.shape[1])
+        # Placeholders of the stored shapes (MLX is lazy: never computed), set by load_weights.
+        self.weight = mx.zeros(t.shape, dtype=mx.uint8)
+        self.scales = mx.zeros((t.shape[0], t.scale_inv.shape[1]))  # (out, blocks across)
+
+    def weight_of(self, rows: slice) -> mx.array:
+        values = mx.from_fp8(self.weight[rows], mx.float32)  # (rows, in): E4M3's values
+        scales, (r, n) = self.scales[rows], values.shape
+        if n % self.width == 0:  # whole blocks: each scale broadcast over its block
+            blocks = values.reshape(r, -1, self.width) * scales[..., None]
+            return blocks.reshape(r, n).astype(self.dtype)
+        scales = mx.repeat(scales, self.width, axis=-1)[:, :n]  # the last block ragged
+        return (values * scales).astype(self.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        n, step = self.weight.shape[0], max(1, ELEMENTS_AT_ONCE // self.weight.shape[1])
+        blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        return mx.concatenate([x @ self.weight_of(rows).T for rows in blocks], axis=-1)
+
+
 def read_whole(
     tensors: Mapping[str, RawTensor | QuantizedTensor], dtype: str
 ) -> dict[str, RawTensor | QuantizedTensor]:
-    """The tensors, a quantized wkv_b dequantized in ``dtype``: the absorbed decode of latent
-    attention reads that weight itself."""
-    wkv_b = "attention.wkv_b.weight"
+    """The tensors, a quantized or FP8 wkv_b dequantized in ``dtype``: the absorbed decode of
+    latent attention reads that weight itself."""
+    wkv_b, coded = "attention.wkv_b.weight", QuantizedTensor | FP8Tensor
     return {
-        k: t.dequantized(dtype) if k.endswith(wkv_b) and isinstance(t, QuantizedTensor) else t
+        k: t.dequantized(dtype) if k.endswith(wkv_b) and isinstance(t, coded) else t
         for k, t in tensors.items()
     }
 
@@ -87,10 +119,20 @@ def quantize_modules(
     tied: bool,
     dtype: mx.Dtype,
     device: mx.Device,
-) -> None:
+    fp8: str = "keep",
+) -> set[str]:
     """Each module whose weight is a QuantizedTensor becomes its quantized twin (the embedding
     table, and the output projection of tied embeddings with it); on the CPU their products
-    run in float32 (QuantizedLinear)."""
+    run in float32 (QuantizedLinear). A projection's FP8 weight: FP8Linear, unless ``fp8`` is
+    "dequantize" (the others are dequantized at load, as torch's). The names of the FP8 weights
+    kept as codes."""
+    taken = set()
+    for key, t in tensors.items() if fp8 == "keep" else ():
+        path = key.removesuffix(".weight")
+        module = get_module(model, path) if isinstance(t, FP8Tensor) else None
+        if isinstance(module, Linear) and not isinstance(module, Router):
+            set_module(model, path, FP8Linear(t, dtype))
+            taken.add(key)
     accumulate = mx.float32 if device == mx.cpu else dtype
     quantized = {k.removesuffix(".weight"): t for k, t in tensors.items() if is_q(t)}
     if tied and "tok_embeddings" in quantized:
@@ -101,25 +143,54 @@ def quantize_modules(
     if not isinstance(model.output, Linear):
         quantized.pop("output", None)
     for path, t in quantized.items():
-        *parents, name = path.split(".")
-        owner = model
-        for p in parents:
-            owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
-        if name == "tok_embeddings":
-            setattr(owner, name, QuantizedEmbedding(t, dtype))
-        elif isinstance(getattr(owner, name), Router):  # a MoE gate keeps its bias, if any
-            biased = getattr(owner, name).e_score_correction_bias is not None
-            setattr(owner, name, QuantizedRouter(t, dtype, biased, accumulate))
+        module = get_module(model, path)
+        if path == "tok_embeddings":
+            set_module(model, path, QuantizedEmbedding(t, dtype))
+        elif isinstance(module, Router):  # a MoE gate keeps its bias, if any
+            biased = module.e_score_correction_bias is not None
+            set_module(model, path, QuantizedRouter(t, dtype, biased, accumulate))
         else:
-            setattr(owner, name, QuantizedLinear(t, dtype, accumulate))
+            set_module(model, path, QuantizedLinear(t, dtype, accumulate))
+    return taken
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path ("layers.0.attention.wq"), None where there is none."""
+    owner = model
+    for p in path.split("."):
+        if p.isdigit() and isinstance(owner, list) and int(p) < len(owner):
+            owner = owner[int(p)]
+        elif isinstance(owner, nn.Module) and p in owner:
+            owner = owner[p]
+        else:
+            return None
+    return owner
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, name = path.split(".")
+    owner = get_module(model, ".".join(parents)) if parents else model
+    setattr(owner, name, module)
 
 
 def arrays(
-    name: str, t: RawTensor | QuantizedTensor, dtype: mx.Dtype, from_raw: Callable
+    name: str,
+    t: RawTensor | QuantizedTensor,
+    dtype: mx.Dtype,
+    from_raw: Callable,
+    taken: set[str],
 ) -> dict[str, mx.array]:
     """The module's arrays of one tensor: a weight in the run's dtype, or codes as they are
-    with their scales and biases in the run's dtype."""
-    if isinstance(t, FP8Tensor):  # FP8 checkpoints: dequantized at load, as torch does
+    with their scales and biases in the run's dtype; FP8 codes (rows in their order) with each
+    row's float32 scales where ``taken`` (quantize_modules) kept them, else dequantized."""
+    if isinstance(t, FP8Tensor) and name in taken:
+        rows = np.arange(t.shape[0]) if t.rows is None else t.rows
+        codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
+        scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
+        release(t.codes.source, t.scale_inv.source)  # their file pages, copied
+        scales_name = name.removesuffix(".weight") + ".scales"
+        return {name: mx.array(codes), scales_name: mx.array(scales.astype(np.float32))}
+    if isinstance(t, FP8Tensor):  # the others dequantized at load, as torch's
         t = t.dequantized("float32")
     if not isinstance(t, QuantizedTensor):
         return {name: from_raw(t).astype(dtype)}

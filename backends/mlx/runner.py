@@ -171,7 +171,7 @@ def build(
     dtype: str | None,
     compile: bool = False,
     parallel: str | None = None,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
@@ -193,10 +193,10 @@ def build(
     if pipeline is not None:
         stage(model, args, pipeline, dt, group)
     tensors = read_whole(tensors, dtype_name(dt))  # wkv_b's codes, dequantized
-    quantize_modules(model, tensors, args.tied_embeddings, dt, dev)  # quantized: codes stay
+    taken = quantize_modules(model, tensors, args.tied_embeddings, dt, dev, fp8)  # kept as codes
     state = {}
     for k, t in tensors.items():  # quantized weights: their codes, scales and biases
-        state |= arrays(k, t, mx.float32 if k.endswith(FLOAT32_KEYS) else dt, from_raw)
+        state |= arrays(k, t, mx.float32 if k.endswith(FLOAT32_KEYS) else dt, from_raw, taken)
     if args.tied_embeddings and not isinstance(model.output, Broadcast):  # one table, two uses
         state |= {k.replace("tok_embeddings", "output"): v for k, v in state.items() if "tok_" in k}
     if isinstance(model.tok_embeddings, Received):  # a later pipeline rank's

@@ -251,12 +251,12 @@ def quantize_modules(
     tied: bool,
     dtype: torch.dtype,
     device: torch.device,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> set[str]:
     """Each module whose weight is one of ``tensors`` and stays codes (kept_as_codes) becomes
     its quantized twin (the output projection of tied embeddings shares the table's codes; FP8
-    weights: FP8Linear, multiplying in FP8 when ``fp8`` is "scaled"); the names of the weights
-    they took."""
+    weights: FP8Linear, multiplying in FP8 when ``fp8`` is "scaled", none when it is "dequantize");
+    the names of the weights they took."""
     if fp8 == "scaled":
         check_fp8_products(device)
     modules = dict(model.named_modules())
@@ -267,7 +267,7 @@ def quantize_modules(
             continue
         *parents, name = path.split(".")
         if isinstance(t, FP8Tensor):  # a projection's (a float8 table is dequantized at load)
-            if name == "tok_embeddings":
+            if name == "tok_embeddings" or fp8 == "dequantize":
                 continue
             module: QuantizedLinear = FP8Linear.of(t, dtype, device, fp8 == "scaled")
         else:

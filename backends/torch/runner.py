@@ -199,7 +199,7 @@ def build(
     dtype: str | None,
     compile: bool = False,
     parallel: str | None = None,
-    fp8: str = "dequantize",
+    fp8: str = "keep",
 ) -> Runner:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -16,7 +16,7 @@ from mistral.bench_report import format_report
 from mistral.bench_report import plot as plot_bench
 from mistral.checkpoint import CONFIGS, DEFAULT_MODEL, Checkpoint, read_checkpoint
 from mistral.cli.options import launcher_rank
-from mistral.contract import BACKENDS, FP8_PRODUCTS
+from mistral.contract import BACKENDS, FP8_MODES
 from mistral.diff import continuation, load_side, precision_of, run_diff
 from mistral.diff import plot as plot_diff
 from mistral.errors import MistralError
@@ -62,10 +62,11 @@ class Diff:
     """Side a: backend[:device[:dtype]], backend one of torch, mlx, hf (transformers), mlx-lm."""
     b: str = "mlx:cpu:float32"
     """Side b, as --a."""
-    a_fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
-    """How side a (one of our backends) multiplies an FP8 folder's weights, as generate's --fp8:
-    dequantize, or scaled (torch: FP8 products, the activations quantized too)."""
-    b_fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
+    a_fp8: str = sp.choice(*FP8_MODES, default="keep")
+    """What side a (one of our backends) makes of an FP8 folder's weights, as generate's --fp8:
+    keep, dequantize (the same logits), or scaled (torch: FP8 products, the activations
+    quantized too)."""
+    b_fp8: str = sp.choice(*FP8_MODES, default="keep")
     """Side b's, as --a-fp8 (--model F --a torch --b torch --b-fp8 scaled: what quantizing the
     activations changes)."""
     prompt: str | None = None
@@ -181,9 +182,9 @@ class Bench:
     """Comma-separated references to run on the same weights: hf, mlx-lm."""
     compile: bool = False
     """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
-    fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
-    """How an FP8 folder's weights multiply (as generate's --fp8): dequantize, or scaled (torch:
-    FP8 products, the activations quantized too)."""
+    fp8: str = sp.choice(*FP8_MODES, default="keep")
+    """What becomes of an FP8 folder's weights, as generate's --fp8: keep (e4m3 bytes, dequantized
+    where each projection runs), dequantize (at load), or scaled (torch: FP8 products)."""
     parallel: str | None = sp.choice("tensor", "pipeline", default=None)
     """Measure one model split over the ranks torchrun or mlx.launch started (as generate's
     --parallel): rank 0 prints the report; every rank prints one line with the memory its share

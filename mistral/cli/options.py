@@ -10,7 +10,7 @@ import simple_parsing as sp
 
 import mistral
 from mistral.checkpoint import DEFAULT_MODEL, TOKENIZER_FILES, read_checkpoint
-from mistral.contract import BACKENDS, FP8_PRODUCTS
+from mistral.contract import BACKENDS, FP8_MODES
 from mistral.errors import MistralError
 
 
@@ -37,11 +37,14 @@ class ModelOptions:
     """Split the model over the ranks torchrun or mlx.launch started (torchrun --nproc-per-node
     N -m mistral generate ... --parallel tensor): tensor, each rank a share of every layer's heads
     and hidden units; pipeline, each a block of whole layers. Rank 0 alone prints."""
-    fp8: str = sp.choice(*FP8_PRODUCTS, default="dequantize")
-    """How an FP8 folder's weights multiply: dequantize, to the run's dtype (as transformers'
-    bfloat16 conversion); scaled (torch, on CUDA GPUs of compute capability 8.9+ and the CPU): in
-    FP8 by torch._scaled_mm, the activations quantized to e4m3 too, by the folder's static scale
-    or per token and block of inputs, as vLLM's and transformers' FP8 kernels do."""
+    fp8: str = sp.choice(*FP8_MODES, default="keep")
+    """What becomes of an FP8 folder's weights. keep: they stay e4m3 bytes (half bfloat16's
+    memory), dequantized a block of rows at a time where each projection runs; dequantize: once,
+    at load, to the run's dtype (twice keep's memory, faster products); scaled (torch, on CUDA
+    GPUs of compute capability 8.9+ and the CPU): kept and multiplied in FP8 by torch._scaled_mm,
+    the activations quantized to e4m3 too (the folder's static scale, or per token and block of
+    inputs), as vLLM's and transformers' FP8 kernels do. keep and dequantize give the same
+    logits."""
 
     def load(self) -> mistral.Model:
         """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
