@@ -238,7 +238,7 @@ def run_bench(s: BenchSetup, progress: Callable[[str], None] | None = None) -> d
     before = held_now(meter)
     built = (s.args, s.tensors, s.backend, s.device, s.dtype, s.source, s.compile)
     model = from_tensors(*built, parallel=s.parallel, fp8=s.fp8)
-    fp8 = ", fp8 scaled" if s.fp8 == "scaled" else ""
+    fp8 = "" if s.fp8 == "keep" else f", fp8 {s.fp8}"
     name, clocks = f"ours ({s.backend}{fp8})", [StepClock()]
     ours = our_run(model, meter, prompts, s.gen_len, s.chunk_size, clocks[0].tick)
     runs = [(name, model.device, model.dtype, ours)]

@@ -154,8 +154,8 @@ def build(
         raise MistralError(f"unknown parallel {parallel!r}: use {' or '.join(KINDS)}")
     if fp8 not in FP8_MODES:
         raise MistralError(f"unknown fp8 {fp8!r}: use {', '.join(FP8_MODES)}")
-    if fp8 == "scaled" and not any(isinstance(t, FP8Tensor) for t in tensors.values()):
-        raise MistralError(f"{source}: fp8 scaled multiplies FP8 weights, and it has none")
+    if fp8 != "keep" and not any(isinstance(t, FP8Tensor) for t in tensors.values()):
+        raise MistralError(f"{source}: fp8 {fp8} is for FP8 weights, and it has none")
     return backend(name).build(args, tensors, device, dtype, compile, parallel, fp8)
 
 

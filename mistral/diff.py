@@ -81,13 +81,15 @@ def load_side(spec: str, ckpt: Checkpoint, fp8: str = "keep") -> tuple[str, Side
     backend, device, dtype = [*parts, None, None][:3]
     device, dtype = device or None, dtype or None
     side: Side
+    if backend in REFERENCES and fp8 != "keep":
+        raise MistralError(f"side {spec!r}: fp8 {fp8} is for our backends (torch, mlx)")
     if backend in REFERENCES:  # contract.Reference does not declare step_taps yet
         side = cast(Side, reference(backend, ckpt.args, ckpt.tensors, device, dtype))
     else:
         built = (ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))
         side = OurSide(from_tensors(*built, fp8=fp8))
-    scaled = " (fp8 scaled)" if fp8 == "scaled" else ""
-    return f"{backend}:{side.device}:{side.dtype}{scaled}", side
+    mode = "" if fp8 == "keep" else f" (fp8 {fp8})"
+    return f"{backend}:{side.device}:{side.dtype}{mode}", side
 
 
 def precision_of(ckpt: Checkpoint, dtype: str, fp8: str = "keep") -> str:

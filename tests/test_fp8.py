@@ -483,3 +483,38 @@ def test_diff_holds_fp8_sides_to_their_tolerance(tmp_path):
         a, load_side("torch:cpu:float32", bad, "scaled"), tokens, precisions=precisions
     )
     assert not report.agree and report.first_divergence == "layers.2.attention"
+
+
+def test_fp8_scaled_refuses_shapes_cuda_cannot_multiply():
+    """CUDA's FP8 products take blocks of inputs and outputs in multiples of 16: a ragged last
+    block of 72 is named in one line before anything is built (the CPU takes any shape)."""
+    import torch
+
+    from backends.torch.quantized import check_fp8_shape
+
+    def weight(out, n, block):
+        blocks = (-(-out // block), -(-n // block))
+        codes = RawTensor("float8_e4m3", np.zeros((out, n), np.uint8))
+        return FP8Tensor(codes, from_numpy(np.ones(blocks, np.float32)), (block, block))
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    check_fp8_shape("w", weight(256, 512, 128), cuda)
+    check_fp8_shape("w", weight(100, 200, 128), cpu)
+    for out, n in ((256, 200), (100, 256)):
+        with pytest.raises(mistral.MistralError, match="multiples of 16") as e:
+            check_fp8_shape("layers.0.attention.wq.weight", weight(out, n, 128), cuda)
+        assert "layers.0.attention.wq.weight" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fp8_modes_are_for_our_backends_and_fp8_folders(tmp_path):
+    """--b-fp8 on an outside reference, or --fp8 dequantize on a folder without FP8 weights, is
+    refused in one line rather than ignored."""
+    from mistral.diff import load_side
+
+    args = tiny("tiny-dense")
+    fp8_folder(tmp_path / "f", args)
+    with pytest.raises(mistral.MistralError, match="is for our backends") as e:
+        load_side("hf:cpu:float32", read_checkpoint(tmp_path / "f"), "scaled")
+    assert "\n" not in str(e.value)
+    with pytest.raises(mistral.MistralError, match="fp8 dequantize is for FP8 weights"):
+        mistral.from_tensors(args, random_weights(args), device="cpu", fp8="dequantize")

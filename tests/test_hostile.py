@@ -271,7 +271,7 @@ def test_tokenizer_decode_outside_its_vocabulary_is_named():
         (["generate", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
         (
             ["generate", "--prompt", "x", "--fp8", "scaled"],
-            "multiplies FP8 weights, and it has none",
+            "fp8 scaled is for FP8 weights, and it has none",
         ),
     ],
 )

@@ -148,7 +148,11 @@ class FP8Linear(QuantizedLinear):
         return layer
 
     def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        values = self.codes[rows].view(torch.float8_e4m3fn).float()  # (out, in): E4M3's values
+        codes = self.codes[rows]
+        if codes.device.type == "mps":  # no float8 there: the table
+            values = values_of("e4m3", codes.device)[codes.int()]  # (out, in): E4M3's values
+        else:  # torch's own cast, the table's values (tested)
+            values = codes.view(torch.float8_e4m3fn).float()
         n, scales = values.shape[-1], self.scales[rows]
         if n % min(self.width, n) == 0:  # whole blocks: each scale broadcast over its block
             blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
@@ -189,22 +193,38 @@ def scaled_product(
     """(M, n) activations times (out, n) uint8 e4m3 codes with their (ceil(n / width), out)
     scales -> (M, out) float32, multiplied in FP8 (torch._scaled_mm: an FP8 product with float32
     sums, on CUDA GPUs of compute capability 8.9 and up, and the CPU): the activations quantized
-    per block of ``width`` inputs (activation_codes), each block's product scaled by both
-    scales, the blocks summed in float32 (DeepSeek-V3's FP8 GEMM)."""
-    weight = codes.view(torch.float8_e4m3fn)
+    per block of ``width`` inputs (activation_codes), each block's float32 sums scaled by both
+    scales, the blocks summed in float32 (DeepSeek-V3's FP8 GEMM). The product takes unit scales
+    and the scales are applied after it: a float32 output takes per-row scales only on Hopper
+    with cuBLAS 12.9 or later."""
+    weight, one = codes.view(torch.float8_e4m3fn), unit(x.device)
     y = None
     for i, start in enumerate(range(0, x.shape[-1], width)):
         a, s = activation_codes(x[:, start : start + width], act_scale)
-        part = torch._scaled_mm(
-            a,
-            weight[:, start : start + width].t(),  # (width, out), column-major as it must be
-            scale_a=s,
-            scale_b=block_scales[i][None],  # (1, out)
-            out_dtype=torch.float32,
-        )
+        w = weight[:, start : start + width].t()  # (width, out), column-major as it must be
+        part = torch._scaled_mm(a, w, scale_a=one, scale_b=one, out_dtype=torch.float32)
+        part = part * s * block_scales[i][None]  # (M, out)
         y = part if y is None else y + part
     assert y is not None
     return y
+
+
+@functools.cache
+def unit(device: torch.device) -> torch.Tensor:
+    """A float32 1 on ``device``: a tensor-wise scale that scales nothing."""
+    return torch.ones((), device=device)
+
+
+def check_fp8_shape(name: str, t: FP8Tensor, device: torch.device) -> None:
+    """Refuses, in one line, a weight CUDA's FP8 products cannot take: each block of inputs
+    (the last, ragged one too) and the output a multiple of 16 (CUDA's; the CPU takes any)."""
+    out, n = t.shape
+    width = min(t.block[1], n)
+    if device.type == "cuda" and (out % 16 or width % 16 or n % width % 16):
+        raise MistralError(
+            f"fp8 scaled: {name} is {out} x {n} in blocks of {width} inputs; CUDA's FP8 "
+            "products need multiples of 16 (use --fp8 keep)"
+        )
 
 
 class QuantizedEmbedding(QuantizedLinear):
@@ -269,6 +289,8 @@ def quantize_modules(
         if isinstance(t, FP8Tensor):  # a projection's (a float8 table is dequantized at load)
             if name == "tok_embeddings" or fp8 == "dequantize":
                 continue
+            if fp8 == "scaled":
+                check_fp8_shape(key, t, device)
             module: QuantizedLinear = FP8Linear.of(t, dtype, device, fp8 == "scaled")
         else:
             twin = QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear

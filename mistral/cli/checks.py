@@ -64,7 +64,7 @@ class Diff:
     """Side b, as --a."""
     a_fp8: str = sp.choice(*FP8_MODES, default="keep")
     """What side a (one of our backends) makes of an FP8 folder's weights, as generate's --fp8:
-    keep, dequantize (the same logits), or scaled (torch: FP8 products, the activations
+    keep, dequantize (the same weights), or scaled (torch: FP8 products, the activations
     quantized too)."""
     b_fp8: str = sp.choice(*FP8_MODES, default="keep")
     """Side b's, as --a-fp8 (--model F --a torch --b torch --b-fp8 scaled: what quantizing the

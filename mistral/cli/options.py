@@ -43,8 +43,8 @@ class ModelOptions:
     at load, to the run's dtype (twice keep's memory, faster products); scaled (torch, on CUDA
     GPUs of compute capability 8.9+ and the CPU): kept and multiplied in FP8 by torch._scaled_mm,
     the activations quantized to e4m3 too (the folder's static scale, or per token and block of
-    inputs), as vLLM's and transformers' FP8 kernels do. keep and dequantize give the same
-    logits."""
+    inputs), as vLLM's and transformers' FP8 kernels do. keep and dequantize multiply the same
+    weights (their logits differ at most by the product kernels' order of summation)."""
 
     def load(self) -> mistral.Model:
         """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
