@@ -243,7 +243,8 @@ def load(
     (heads and hidden units split, mistral/parallel.py), every rank returning the same logits.
     FP8 weights (mistral/fp8.py) stay e4m3 bytes, dequantized where each projection runs;
     ``fp8="dequantize"`` dequantizes them at load to the run's dtype (twice the memory, faster);
-    ``fp8="scaled"`` (torch) multiplies them in FP8, the activations quantized to e4m3 too."""
+    ``fp8="scaled"`` multiplies them in FP8, the activations quantized to e4m3 too (torch's
+    torch._scaled_mm; MLX emulates it in float32)."""
     ckpt = read_checkpoint(DEFAULT_MODEL if path is None else path)
     tok_path = tokenizer or ckpt.tokenizer_path
     tok = None if tok_path is None else Tokenizer(tok_path)

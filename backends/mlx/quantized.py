@@ -77,11 +77,13 @@ class FP8Linear(nn.Module):
     """x @ W.T with W held as e4m3 codes and a float32 scale per block, kept per row (rows
     reordered, HF's wq/wk, keep their own), dequantized at each call as FP8Tensor.dequantized
     computes it: each code's value times its block's scale in float32, rounded once to the
-    dtype; a block of rows at a time. MLX has no FP8 product (torch's --fp8 scaled)."""
+    dtype; a block of rows at a time. ``scaled``: the FP8 product of torch's --fp8 scaled,
+    emulated (scaled_product)."""
 
-    def __init__(self, t: FP8Tensor, dtype: mx.Dtype) -> None:
+    def __init__(self, t: FP8Tensor, dtype: mx.Dtype, scaled: bool = False) -> None:
         super().__init__()
         self.dtype, self.width = dtype, min(t.block[1], t.shape[1])
+        self.act_scale, self.scaled = t.act_scale, scaled
         # Placeholders of the stored shapes (MLX is lazy: never computed), set by load_weights.
         self.weight = mx.zeros(t.shape, dtype=mx.uint8)
         self.scales = mx.zeros((t.shape[0], t.scale_inv.shape[1]))  # (out, blocks across)
@@ -96,9 +98,32 @@ class FP8Linear(nn.Module):
         return (values * scales).astype(self.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.scaled:
+            return self.scaled_product(x)
         n, step = self.weight.shape[0], max(1, ELEMENTS_AT_ONCE // self.weight.shape[1])
         blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
         return mx.concatenate([x @ self.weight_of(rows).T for rows in blocks], axis=-1)
+
+    def scaled_product(self, x: mx.array) -> mx.array:
+        """torch's FP8 product (backends/torch/quantized.py scaled_product) in float32
+        arithmetic, MLX having none: per block of inputs, the activations rounded to e4m3 by
+        the static scale or by max(|x|, 1e-10) / 448 per row (mx.to_fp8 rounds as torch's cast
+        does, tested), the e4m3 values' products summed in float32, times both scales."""
+        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)  # (M, in)
+        y = mx.zeros((rows.shape[0], self.weight.shape[0]))
+        for i, start in enumerate(range(0, rows.shape[-1], self.width)):
+            block = rows[:, start : start + self.width]
+            if self.act_scale is None:
+                s = mx.maximum(mx.abs(block).max(axis=-1, keepdims=True), 1e-10) / E4M3_MAX
+            else:
+                s = mx.full((rows.shape[0], 1), self.act_scale)
+            a = mx.from_fp8(mx.to_fp8(mx.clip(block / s, -E4M3_MAX, E4M3_MAX)), mx.float32)
+            w = mx.from_fp8(self.weight[:, start : start + self.width], mx.float32)
+            y = y + (a @ w.T) * s * self.scales[:, i]  # (M, out)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+E4M3_MAX = 448.0
 
 
 def read_whole(
@@ -123,15 +148,16 @@ def quantize_modules(
 ) -> set[str]:
     """Each module whose weight is a QuantizedTensor becomes its quantized twin (the embedding
     table, and the output projection of tied embeddings with it); on the CPU their products
-    run in float32 (QuantizedLinear). A projection's FP8 weight: FP8Linear, unless ``fp8`` is
-    "dequantize" (the others are dequantized at load, as torch's). The names of the FP8 weights
+    run in float32 (QuantizedLinear). A projection's FP8 weight: FP8Linear (its FP8 product
+    emulated when ``fp8`` is "scaled"), unless ``fp8`` is "dequantize" (the others are
+    dequantized at load, as torch's). The names of the FP8 weights
     kept as codes."""
     taken = set()
-    for key, t in tensors.items() if fp8 == "keep" else ():
+    for key, t in tensors.items() if fp8 != "dequantize" else ():
         path = key.removesuffix(".weight")
         module = get_module(model, path) if isinstance(t, FP8Tensor) else None
         if isinstance(module, Linear) and not isinstance(module, Router):
-            set_module(model, path, FP8Linear(t, dtype))
+            set_module(model, path, FP8Linear(t, dtype, fp8 == "scaled"))
             taken.add(key)
     accumulate = mx.float32 if device == mx.cpu else dtype
     quantized = {k.removesuffix(".weight"): t for k, t in tensors.items() if is_q(t)}

@@ -175,8 +175,6 @@ def build(
 ) -> Runner:
     if compile:
         raise MistralError("compile is an option of the torch backend (torch.compile, CUDA graphs)")
-    if fp8 == "scaled":  # MLX has no FP8 product
-        raise MistralError("fp8 scaled is the torch backend's (torch._scaled_mm); MLX dequantizes")
     own_thread_streams()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -64,8 +64,8 @@ class Diff:
     """Side b, as --a."""
     a_fp8: str = sp.choice(*FP8_MODES, default="keep")
     """What side a (one of our backends) makes of an FP8 folder's weights, as generate's --fp8:
-    keep, dequantize (the same weights), or scaled (torch: FP8 products, the activations
-    quantized too)."""
+    keep, dequantize (the same weights), or scaled (FP8 products, the activations quantized
+    too; MLX emulates them)."""
     b_fp8: str = sp.choice(*FP8_MODES, default="keep")
     """Side b's, as --a-fp8 (--model F --a torch --b torch --b-fp8 scaled: what quantizing the
     activations changes)."""
@@ -184,7 +184,7 @@ class Bench:
     """torch: compile the decode step (torch.compile; a CUDA graph on CUDA)."""
     fp8: str = sp.choice(*FP8_MODES, default="keep")
     """What becomes of an FP8 folder's weights, as generate's --fp8: keep (e4m3 bytes, dequantized
-    where each projection runs), dequantize (at load), or scaled (torch: FP8 products)."""
+    where each projection runs), dequantize (at load), or scaled (FP8 products)."""
     parallel: str | None = sp.choice("tensor", "pipeline", default=None)
     """Measure one model split over the ranks torchrun or mlx.launch started (as generate's
     --parallel): rank 0 prints the report; every rank prints one line with the memory its share
