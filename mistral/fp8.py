@@ -1,10 +1,11 @@
 """FP8 weights as Hugging Face's block-quantized checkpoints store them (DeepSeek-V3, Mistral
 Large 3, Devstral 2): float8 e4m3 codes and a float32 inverse scale per block of 128 x 128
-(``quantization_config``: quant_method fp8, weight_block_size), dequantized at load; and as
+(``quantization_config``: quant_method fp8, weight_block_size), read as codes beside their
+scales (a backend keeps or dequantizes them: contract.FP8_MODES); and as
 Mistral's own folders do (Mistral Small 4: params.json ``quantization`` {qformat_weight:
 fp8_e4m3, qscheme_act: TENSOR}, one ``qscale_weight`` per weight and a static ``qscale_act``
 for its inputs). Dequantized weights multiply the activations as they are, as transformers'
-conversion to bfloat16 does; FP8 products (torch's ``--fp8 scaled``) quantize them too, as
+conversion to bfloat16 does; FP8 products (``--fp8 scaled``) quantize them too, as
 vLLM's and transformers' FP8 kernels do: by the static scale where the folder has one, else per
 row and block of inputs (the weight's block width, or the whole row), ``s = max(|x|, 1e-10) /
 448``; then ``y = sum over input blocks of (e4m3(x / s) . codes) * s * scale_inv``.
