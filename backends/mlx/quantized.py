@@ -3,7 +3,7 @@ in place of a built Transformer's Linear and Embedding modules by name, from out
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -204,7 +204,7 @@ def arrays(
     t: RawTensor | QuantizedTensor,
     dtype: mx.Dtype,
     from_raw: Callable,
-    taken: set[str],
+    taken: Set[str] = frozenset(),
 ) -> dict[str, mx.array]:
     """The module's arrays of one tensor: a weight in the run's dtype, or codes as they are
     with their scales and biases in the run's dtype; FP8 codes (rows in their order) with each
