@@ -488,6 +488,28 @@ def test_diff_holds_fp8_sides_to_their_tolerance(tmp_path):
     assert not report.agree and report.first_divergence == "layers.2.attention"
 
 
+def test_diff_holds_two_sides_of_one_folder_to_their_dtypes(tmp_path):
+    """diff of one FP8 folder on torch and MLX, both multiplying in FP8: the codes are the same
+    on both sides, so each tap is held to float32's 1e-5, not to the quantization's 0.2; a
+    side dequantizing against one multiplying in FP8 is held to fp8 scaled's."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    fp8_folder(tmp_path / "f", tiny("tiny-window"))
+    run = [sys.executable, "-m", "mistral", "diff", "--model", str(tmp_path / "f"), "--tokens",
+           "1,5,9,200,17,3,44", "--a", "torch:cpu:float32", "--b", "mlx:cpu:float32",
+           "--a-fp8", "scaled"]  # fmt: skip
+    for b_fp8, tolerance in (("scaled", 1e-5), ("keep", 0.2)):
+        out = tmp_path / f"{b_fp8}.json"
+        done = subprocess.run([*run, "--b-fp8", b_fp8, "--json", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(out.read_text())
+        assert report["agree"] and {t["tolerance"] for t in report["taps"]} == {tolerance}
+
+
 def test_fp8_scaled_refuses_shapes_cuda_cannot_multiply():
     """CUDA's FP8 products take blocks of inputs and outputs in multiples of 16: a ragged last
     block of 72 is named in one line before anything is built (the CPU takes any shape)."""

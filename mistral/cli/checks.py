@@ -116,6 +116,8 @@ class Diff:
             precision_of(ckpt_a, side_a[1].dtype, self.a_fp8),
             precision_of(ckpt_b, side_b[1].dtype, self.b_fp8),
         )
+        if ckpt_b is ckpt_a and self.a_fp8 == self.b_fp8:  # one folder's codes on both sides:
+            precisions = (side_a[1].dtype, side_b[1].dtype)  # the dtypes' rounding alone
         report = run_diff(side_a, side_b, ids, self.generate, decode, precisions)
         report.a_model, report.b_model = str(ckpt_a.path), str(ckpt_b.path)
         print(report.table())
