@@ -71,6 +71,7 @@ class QuantizedEmbedding(QuantizedLinear):
 
 
 ELEMENTS_AT_ONCE = 1 << 21  # FP8 weights dequantized at once, in blocks of rows (as torch's)
+E4M3_MAX = 448.0  # the largest e4m3 value
 
 
 class FP8Linear(nn.Module):
@@ -123,9 +124,6 @@ class FP8Linear(nn.Module):
         return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-E4M3_MAX = 448.0
-
-
 def read_whole(
     tensors: Mapping[str, RawTensor | QuantizedTensor], dtype: str
 ) -> dict[str, RawTensor | QuantizedTensor]:
@@ -150,8 +148,7 @@ def quantize_modules(
     table, and the output projection of tied embeddings with it); on the CPU their products
     run in float32 (QuantizedLinear). A projection's FP8 weight: FP8Linear (its FP8 product
     emulated when ``fp8`` is "scaled"), unless ``fp8`` is "dequantize" (the others are
-    dequantized at load, as torch's). The names of the FP8 weights
-    kept as codes."""
+    dequantized at load, as torch's). The names of the FP8 weights kept as codes."""
     taken = set()
     for key, t in tensors.items() if fp8 != "dequantize" else ():
         path = key.removesuffix(".weight")
