@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mistral.errors import MistralError
-from mistral.weights import RawTensor, from_numpy
+from mistral.weights import RawTensor, from_numpy, release
 
 
 def e4m3_table() -> np.ndarray:
@@ -38,6 +38,7 @@ def e4m3_table() -> np.ndarray:
 
 
 E4M3 = e4m3_table()
+E4M3_MAX = 448.0  # its largest finite value (code 0x7E)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ class FP8Tensor:
 
     def reorder_rows(self, order: np.ndarray) -> FP8Tensor:
         return replace(self, rows=order if self.rows is None else self.rows[order])
+
+    def by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """The codes as a backend keeps them: (out, in) uint8 in their rows' order, and each
+        row's float32 scales (out, ceil(in / block)), so that reordered rows keep their own;
+        copies, the file pages given back."""
+        rows = np.arange(self.shape[0]) if self.rows is None else self.rows
+        codes = np.ascontiguousarray(np.asarray(self.codes.data)[rows]).view(np.uint8)
+        scales = self.scale_inv.to_numpy().astype(np.float32)[rows // self.block[0]]
+        release(self.codes.source, self.scale_inv.source)
+        return codes, scales
 
     def dequantized(self, dtype: str | None = None) -> RawTensor:
         """The weight in ``dtype`` (default bfloat16): codes times their block's scale in

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mistral.errors import MistralError
-from mistral.fp8 import E4M3
+from mistral.fp8 import E4M3, E4M3_MAX
 from mistral.weights import RawTensor, cast, from_numpy, nbytes_of
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -243,7 +243,7 @@ def quantize_float(
         raise MistralError(f"{n} inputs do not split into groups of {g}")
     groups = w.astype(np.float32).reshape(out, n // g, g)
     # max|w| over the largest code, computed in the weights' dtype (float16 may underflow to 0)
-    ratio = rounded(np.abs(groups).max(-1) / np.float32(448 if mode == "mxfp8" else 6), dtype)
+    ratio = rounded(np.abs(groups).max(-1) / np.float32(E4M3_MAX if mode == "mxfp8" else 6), dtype)
     if mode == "nvfp4":
         scales = e4m3_codes(ratio)
         scale = E4M3[scales]

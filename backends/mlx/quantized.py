@@ -7,12 +7,11 @@ from collections.abc import Callable, Mapping, Set
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from backends.mlx.model import Linear, Router
-from mistral.fp8 import FP8Tensor
+from mistral.fp8 import E4M3_MAX, FP8Tensor
 from mistral.quant import Quantization, QuantizedTensor
-from mistral.weights import RawTensor, release
+from mistral.weights import RawTensor
 
 
 class QuantizedLinear(nn.Module):
@@ -71,7 +70,6 @@ class QuantizedEmbedding(QuantizedLinear):
 
 
 ELEMENTS_AT_ONCE = 1 << 21  # FP8 weights dequantized at once, in blocks of rows (as torch's)
-E4M3_MAX = 448.0  # the largest e4m3 value
 
 
 class FP8Linear(nn.Module):
@@ -207,12 +205,8 @@ def arrays(
     with their scales and biases in the run's dtype; FP8 codes (rows in their order) with each
     row's float32 scales where ``taken`` (quantize_modules) kept them, else dequantized."""
     if isinstance(t, FP8Tensor) and name in taken:
-        rows = np.arange(t.shape[0]) if t.rows is None else t.rows
-        codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
-        scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
-        release(t.codes.source, t.scale_inv.source)  # their file pages, copied
-        scales_name = name.removesuffix(".weight") + ".scales"
-        return {name: mx.array(codes), scales_name: mx.array(scales.astype(np.float32))}
+        codes, scales = t.by_row()
+        return {name: mx.array(codes), name.removesuffix(".weight") + ".scales": mx.array(scales)}
     if isinstance(t, FP8Tensor):  # the others dequantized at load, as torch's
         t = t.dequantized("float32")
     if not isinstance(t, QuantizedTensor):

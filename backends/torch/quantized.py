@@ -16,7 +16,7 @@ from torch import nn
 
 from backends.torch.model import Linear, Router
 from mistral.errors import MistralError
-from mistral.fp8 import E4M3, FP8Tensor
+from mistral.fp8 import E4M3, E4M3_MAX, FP8Tensor
 from mistral.quant import FP4, Quantization, QuantizedTensor
 from mistral.weights import RawTensor, release
 
@@ -136,13 +136,10 @@ class FP8Linear(QuantizedLinear):
     def of(
         cls, t: FP8Tensor, dtype: torch.dtype, device: torch.device, scaled: bool = False
     ) -> FP8Linear:
-        rows = np.arange(t.shape[0]) if t.rows is None else t.rows
-        codes = np.ascontiguousarray(np.asarray(t.codes.data)[rows]).view(np.uint8)
-        scales = t.scale_inv.to_numpy()[rows // t.block[0]]  # (out, ceil(n / block))
-        release(t.codes.source, t.scale_inv.source)  # their file pages, copied
-        layer = cls(torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device),
-                    None, None, dtype)  # fmt: skip
-        layer.width, layer.act_scale, layer.scaled = t.block[1], t.act_scale, scaled
+        codes, scales = (torch.from_numpy(a).to(device) for a in t.by_row())
+        layer = cls(codes, scales, None, None, dtype)
+        layer.width = min(t.block[1], t.shape[1])  # inputs per block (all: one scale a row)
+        layer.act_scale, layer.scaled = t.act_scale, scaled
         if scaled:  # each block's scales in a row of their own, as _scaled_mm takes them
             layer.register_buffer("block_scales", layer.scales.T.contiguous(), persistent=False)
         return layer
@@ -154,7 +151,7 @@ class FP8Linear(QuantizedLinear):
         else:  # torch's own cast, the table's values (tested)
             values = codes.view(torch.float8_e4m3fn).float()
         n, scales = values.shape[-1], self.scales[rows]
-        if n % min(self.width, n) == 0:  # whole blocks: each scale broadcast over its block
+        if n % self.width == 0:  # whole blocks: each scale broadcast over its block
             blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
             return (blocks * scales[..., None]).flatten(-2).to(self.dtype)
         scales = scales.repeat_interleave(self.width, dim=-1)[..., :n]  # the last block ragged
@@ -166,9 +163,6 @@ class FP8Linear(QuantizedLinear):
         rows = x.flatten(0, -2)  # (M, in)
         y = scaled_product(rows, self.codes, self.block_scales, self.width, self.act_scale)
         return y.to(x.dtype).unflatten(0, x.shape[:-1])
-
-
-E4M3_MAX = 448.0
 
 
 def activation_codes(x: torch.Tensor, act_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
