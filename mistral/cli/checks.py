@@ -112,12 +112,13 @@ class Diff:
             load_side(self.a, ckpt_a, self.a_fp8),
             load_side(self.b, ckpt_b, self.b_fp8),
         )
-        precisions = (
-            precision_of(ckpt_a, side_a[1].dtype, self.a_fp8),
-            precision_of(ckpt_b, side_b[1].dtype, self.b_fp8),
-        )
         if ckpt_b is ckpt_a and self.a_fp8 == self.b_fp8:  # one folder's codes on both sides:
             precisions = (side_a[1].dtype, side_b[1].dtype)  # the dtypes' rounding alone
+        else:
+            precisions = (
+                precision_of(ckpt_a, side_a[1].dtype, self.a_fp8),
+                precision_of(ckpt_b, side_b[1].dtype, self.b_fp8),
+            )
         report = run_diff(side_a, side_b, ids, self.generate, decode, precisions)
         report.a_model, report.b_model = str(ckpt_a.path), str(ckpt_b.path)
         print(report.table())

@@ -42,9 +42,9 @@ class ModelOptions:
     memory), dequantized a block of rows at a time where each projection runs; dequantize: once,
     at load, to the run's dtype (twice keep's memory, faster products); scaled: kept and
     multiplied in FP8 (torch._scaled_mm, on CUDA GPUs of compute capability 8.9+ and the CPU;
-    MLX, which has none, emulates it in float32),
-    the activations quantized to e4m3 too (the folder's static scale, or per token and block of
-    inputs), as vLLM's and transformers' FP8 kernels do. keep and dequantize multiply the same
+    MLX, which has none, emulates it in float32), the activations quantized to e4m3 too (the
+    folder's static scale, or per token and block of inputs), as vLLM's and transformers' FP8
+    kernels do. keep and dequantize multiply the same
     weights (their logits differ at most by the product kernels' order of summation)."""
 
     def load(self) -> mistral.Model:
