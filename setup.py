@@ -23,7 +23,15 @@ setup(
         "plot": ["matplotlib"],  # mistral diff --plot, mistral bench --plot
         "hf": ["transformers"],  # the hf reference of diff and bench (with torch)
         "mlx-lm": ["mlx-lm"],  # the mlx-lm reference of diff and bench (with mlx)
-        "test": ["pytest", "ruff", "transformers", "mlx-lm", "mistral-common", "matplotlib"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+            "transformers",
+            "mlx-lm",
+            "mistral-common",
+            "matplotlib",
+        ],
     },
     entry_points={"console_scripts": ["mistral = mistral.cli:main"]},
 )

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "mlx[cpu]" -e ".[test]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# Test files run in parallel (pytest-xdist), one file to a worker so that a file's module fixtures
+# are built once; at most 4 workers, as many as the machine has cores.
+.venv/bin/python -m pytest -q --numprocesses auto --maxprocesses 4 --dist loadfile "$@"
