@@ -12,7 +12,7 @@ import pytest
 import mistral
 from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.hf_tokenizer import tokenizer_files
-from mistral.quant import Quantization, QuantizedTensor, dequantize
+from mistral.quant import Quantization, QuantizedTensor, dequantize, quantize
 from mistral.tokenizer import Tokenizer
 from mistral.weights import RawTensor, from_numpy, random_weights
 from tests.helpers import ROOT, max_diff, mlx_lm_logits, random_rows, tiny
@@ -45,13 +45,59 @@ def torch_dequantized(t: QuantizedTensor, dtype: str) -> np.ndarray:
     float32 numpy; its rows looked up as the embedding does give the same."""
     import torch
 
+    from backends.torch import quantized
     from backends.torch.quantized import QuantizedEmbedding
 
     layer = QuantizedEmbedding.of(t, getattr(torch, dtype), torch.device("cpu"))
     w = layer.weight_of().float().numpy()
     rows = torch.tensor([[3, 0], [1, 3]])
     assert np.array_equal(layer(rows).float().numpy(), w[rows.numpy()])
+    # The product dequantizes a block of rows at a time into one buffer (here 5 rows, the last
+    # block ragged); times the identity it gives the weight back exactly.
+    eye = torch.eye(w.shape[1], dtype=getattr(torch, dtype))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized, "ELEMENTS_AT_ONCE", 5 * w.shape[1])
+        product = quantized.QuantizedLinear.forward(layer, eye)
+    assert np.array_equal(product.float().numpy().T, w)
     return w
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_quantized_product_dequantizes_into_one_buffer(bits):
+    """Every block of rows is dequantized into the same buffer: a block-sized allocation for
+    each block left the heap fragmented, about 370 MiB more resident at a 3B shape's prefill."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from backends.torch import quantized
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = tree_flatten((args, kwargs))[0]
+            held = {a.untyped_storage().data_ptr() for a in given if isinstance(a, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:
+                    self.sizes.append(t.untyped_storage().nbytes())
+            return out
+
+    q = Quantization(bits, 64)
+    w = np.random.default_rng(bits).standard_normal((64, 256), dtype=np.float32)
+    packed, scales, biases = quantize(w, "bfloat16", q)
+    t = QuantizedTensor(RawTensor("uint32", packed), scales, biases, q)
+    layer = quantized.QuantizedLinear.of(t, torch.bfloat16, torch.device("cpu"))
+    x = torch.ones(3, 256, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized, "ELEMENTS_AT_ONCE", 8 * 256)  # 8 blocks of 8 rows
+        with Allocations() as seen:
+            layer(x)
+    block = 8 * 256 * 2  # a block of the weight in bfloat16
+    assert sum(size >= block // 2 for size in seen.sizes) == 1, seen.sizes
 
 
 def hf_folder(path, args, seed: int = 3):

@@ -21,21 +21,32 @@ from mistral.quant import FP4, Quantization, QuantizedTensor
 from mistral.weights import RawTensor, release
 
 
-def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack(words: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., W) int32 holding uint32 words -> (..., W * 32 / bits) codes, least significant
-    bits first: uint8 from the words' bytes for 2, 4 and 8 bits; int32 for 3, 5 and 6, where
-    every ``bits`` words hold 32 codes, some across two words (3 bits: code 10 is bits 30..31 of
-    word 0 and bit 0 of word 1)."""
+    bits first, written to ``out`` (any dtype: the codes are small integers) where it is given:
+    from the words' bytes for 2, 4 and 8 bits, a code a pass with scalar shifts (a tensor of
+    shifts broadcast over the bytes runs several times slower on a CPU); int32 for 3, 5 and 6,
+    where every ``bits`` words hold 32 codes, some across two words (3 bits: code 10 is bits
+    30..31 of word 0 and bit 0 of word 1)."""
     mask = (1 << bits) - 1
     if 8 % bits == 0:  # whole codes in every byte (the words are little-endian)
         octets = words.view(torch.uint8)  # (..., 4W)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
-        return (octets[..., None] >> shifts).bitwise_and_(mask).flatten(-2)  # in place: one copy
+        per = 8 // bits
+        if out is None:
+            out = octets.new_empty((*octets.shape, per))
+        codes = out.view(*octets.shape, per)  # code j of each byte at [..., j]
+        for j, shift in enumerate(range(0, 8, bits)):
+            if shift + bits == 8:  # the top code: nothing above it to mask
+                torch.bitwise_right_shift(octets, shift, out=codes[..., j])
+            else:
+                torch.bitwise_and(octets >> shift if shift else octets, mask, out=codes[..., j])
+        return codes.flatten(-2)
     t = split_codes(bits, words.device)
     blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
     low = (blocks[..., t["word"]] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
     high = torch.where(t["across"], blocks[..., t["next"]], 0)
-    return ((low | (high << t["high_shift"])) & mask).flatten(-2)
+    codes = ((low | (high << t["high_shift"])) & mask).flatten(-2)
+    return codes if out is None else out.view_as(codes).copy_(codes)
 
 
 @functools.cache
@@ -74,7 +85,7 @@ def dequantize(
     scale), then rounded."""
     groups = codes.unflatten(-1, (-1, q.group_size))  # (..., n / g, g)
     if biases is not None:
-        w = groups.to(dtype)  # in place from here: one block-sized buffer, not three
+        w = groups.to(dtype)  # in place from here (codes already in the dtype: in them)
         return w.mul_(scales[..., None].to(dtype)).add_(biases[..., None].to(dtype)).flatten(-2)
     values = values_of("e4m3" if q.mode == "mxfp8" else "e2m1", codes.device)
     if q.mode == "nvfp4":
@@ -112,17 +123,28 @@ class QuantizedLinear(nn.Module):
         biases = None if t.biases is None else from_raw(t.biases).to(device)
         return cls(codes.to(device), from_raw(t.scales).to(device), biases, t.q, dtype)
 
-    def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """The dequantized weight's ``rows``, (out, in) for all of them."""
+    def weight_of(
+        self, rows: torch.Tensor | slice = slice(None), out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The dequantized weight's ``rows``, (out, in) for all of them; in ``out``, a buffer of
+        that shape in the dtype, where it is given."""
         biases = None if self.biases is None else self.biases[rows]
-        codes = unpack(self.codes[rows], self.q.bits)
-        return dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
+        into = out if self.biases is not None else None  # the float modes index by the codes
+        codes = unpack(self.codes[rows], self.q.bits, into)
+        w = dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
+        return w if out is None or w is out else out.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """In blocks of output rows, so that only a block is ever dequantized at once."""
-        n, step = len(self.codes), max(1, ELEMENTS_AT_ONCE // x.shape[-1])
-        blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
-        return torch.cat([F.linear(x, self.weight_of(rows)) for rows in blocks], dim=-1)
+        """In blocks of output rows, each dequantized into one buffer: only a block is ever
+        dequantized at once, and the heap is not left with a hole the size of each block."""
+        n, k = len(self.codes), x.shape[-1]
+        step = min(n, max(1, ELEMENTS_AT_ONCE // k))
+        buffer = torch.empty(step, k, dtype=self.dtype, device=x.device)
+        pieces = []
+        for i in range(0, n, step):
+            rows = slice(i, min(i + step, n))
+            pieces.append(F.linear(x, self.weight_of(rows, buffer[: rows.stop - i])))
+        return torch.cat(pieces, dim=-1)
 
 
 class FP8Linear(QuantizedLinear):
@@ -144,7 +166,9 @@ class FP8Linear(QuantizedLinear):
             layer.register_buffer("block_scales", layer.scales.T.contiguous(), persistent=False)
         return layer
 
-    def weight_of(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    def weight_of(
+        self, rows: torch.Tensor | slice = slice(None), out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         codes = self.codes[rows]
         if codes.device.type == "mps":  # no float8 there: the table
             values = values_of("e4m3", codes.device)[codes.int()]  # (out, in): E4M3's values
@@ -153,9 +177,10 @@ class FP8Linear(QuantizedLinear):
         n, scales = values.shape[-1], self.scales[rows]
         if n % self.width == 0:  # whole blocks: each scale broadcast over its block
             blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
-            return (blocks * scales[..., None]).flatten(-2).to(self.dtype)
-        scales = scales.repeat_interleave(self.width, dim=-1)[..., :n]  # the last block ragged
-        return (values * scales).to(self.dtype)
+            blocks.mul_(scales[..., None])
+        else:  # the last block ragged
+            values.mul_(scales.repeat_interleave(self.width, dim=-1)[..., :n])
+        return values.to(self.dtype) if out is None else out.copy_(values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.scaled:
