@@ -23,47 +23,30 @@ from mistral.weights import RawTensor, release
 
 def unpack(words: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., W) int32 holding uint32 words -> (..., W * 32 / bits) codes, least significant
-    bits first, written to ``out`` (any dtype: the codes are small integers) where it is given:
-    from the words' bytes for 2, 4 and 8 bits, a code a pass with scalar shifts (a tensor of
-    shifts broadcast over the bytes runs several times slower on a CPU); int32 for 3, 5 and 6,
-    where every ``bits`` words hold 32 codes, some across two words (3 bits: code 10 is bits
-    30..31 of word 0 and bit 0 of word 1)."""
+    bits first (the words are little-endian), written to ``out`` where it is given (any dtype:
+    the codes are small integers), else uint8. A code a pass, by scalar shifts and masks of the
+    words' bytes: a tensor of shifts broadcast over them ran several times slower on a CPU, and
+    a gather of words (3, 5, 6 bits) ten times slower."""
     mask = (1 << bits) - 1
-    if 8 % bits == 0:  # whole codes in every byte (the words are little-endian)
-        octets = words.view(torch.uint8)  # (..., 4W)
-        per = 8 // bits
-        if out is None:
-            out = octets.new_empty((*octets.shape, per))
-        codes = out.view(*octets.shape, per)  # code j of each byte at [..., j]
-        for j, shift in enumerate(range(0, 8, bits)):
-            if shift + bits == 8:  # the top code: nothing above it to mask
-                torch.bitwise_right_shift(octets, shift, out=codes[..., j])
-            else:
-                torch.bitwise_and(octets >> shift if shift else octets, mask, out=codes[..., j])
-        return codes.flatten(-2)
-    t = split_codes(bits, words.device)
-    blocks = words.unflatten(-1, (-1, bits))  # (..., W / bits, bits)
-    low = (blocks[..., t["word"]] >> t["shift"]) & t["low_mask"]  # (..., W / bits, 32)
-    high = torch.where(t["across"], blocks[..., t["next"]], 0)
-    codes = ((low | (high << t["high_shift"])) & mask).flatten(-2)
-    return codes if out is None else out.view_as(codes).copy_(codes)
-
-
-@functools.cache
-def split_codes(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Where each of the 32 codes in a block of ``bits`` words lies (3, 5, 6 bits), made once."""
-    start = np.arange(32) * bits  # each code's first bit within its block of `bits` words
-    word, shift = start // 32, start % 32
-    across = shift + bits > 32
-    # int32 shifts right are arithmetic: a code across two words keeps only its low part's bits
-    low_mask = np.where(across, (1 << (32 - shift)) - 1, -1)
-    high_shift = np.where(across, 32 - shift, 0)
-    ints = {"shift": shift, "low_mask": low_mask, "high_shift": high_shift}
-    t = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in ints.items()}
-    t["word"] = torch.tensor(word, device=device)
-    t["next"] = torch.tensor(np.minimum(word + 1, bits - 1), device=device)
-    t["across"] = torch.tensor(across, device=device)
-    return t
+    octets = words.view(torch.uint8)  # (..., 4W)
+    # 8 / bits codes in every byte for 2, 4 and 8 bits; for 3, 5 and 6, 8 codes in every `bits`
+    # bytes, some across two (3 bits: code 2 is bits 6..7 of byte 0 and bit 0 of byte 1)
+    span, per = (1, 8 // bits) if 8 % bits == 0 else (bits, 8)
+    groups = octets.unflatten(-1, (-1, span))  # (..., 4W / span, span)
+    if out is None:
+        out = octets.new_empty((*groups.shape[:-1], per))
+    codes = out.view(*groups.shape[:-1], per)  # code j of each group at [..., j]
+    for j in range(per):
+        k, r = divmod(j * bits, 8)  # code j starts at bit r of the group's byte k
+        byte, dest = groups[..., k], codes[..., j]
+        if r + bits > 8:  # the high part from the next byte
+            high = (groups[..., k + 1] << (8 - r)).bitwise_and_(mask)
+            torch.bitwise_or(byte >> r, high, out=dest)
+        elif r + bits == 8:  # the byte's top code: nothing above it to mask
+            torch.bitwise_right_shift(byte, r, out=dest)
+        else:
+            torch.bitwise_and(byte >> r if r else byte, mask, out=dest)
+    return codes.flatten(-2)
 
 
 @functools.cache
