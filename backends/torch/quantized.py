@@ -55,6 +55,14 @@ def values_of(kind: str, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(E4M3 if kind == "e4m3" else FP4).to(device)
 
 
+def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E4M3 codes -> their float32 values: torch's own cast (equal to the table on every
+    code, tested), several times faster than looking them up; MPS has no float8: the table."""
+    if codes.device.type == "mps":
+        return values_of("e4m3", codes.device)[codes.int()]
+    return codes.view(torch.float8_e4m3fn).float()
+
+
 def dequantize(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -62,21 +70,24 @@ def dequantize(
     q: Quantization,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(..., n) int32 codes with their (..., n / group_size) scales (and biases) -> (..., n) in
-    ``dtype``. Affine: code * scale, then + bias, each rounded to the dtype as MLX rounds them;
-    the float modes: exact in float32 (a few significant bits times a power of two or an E4M3
-    scale), then rounded."""
+    """(..., n) codes (affine: of any dtype; the float modes: uint8) with their (..., n /
+    group_size) scales (and biases) -> (..., n) in ``dtype``. Affine: code * scale, then + bias,
+    each rounded to the dtype as MLX rounds them; the float modes: exact in float32 (a few
+    significant bits times a power of two or an E4M3 scale), then rounded."""
     groups = codes.unflatten(-1, (-1, q.group_size))  # (..., n / g, g)
     if biases is not None:
         w = groups.to(dtype)  # in place from here (codes already in the dtype: in them)
         return w.mul_(scales[..., None].to(dtype)).add_(biases[..., None].to(dtype)).flatten(-2)
-    values = values_of("e4m3" if q.mode == "mxfp8" else "e2m1", codes.device)
+    if q.mode == "mxfp8":
+        values = e4m3_values(groups)  # float32
+    else:  # a lookup: uint8 comparisons and torch.where ran slower on this CPU than the table
+        values = values_of("e2m1", codes.device)[groups.int()]
     if q.mode == "nvfp4":
-        scale = values_of("e4m3", codes.device)[scales.int()]
+        scale = e4m3_values(scales)
     else:  # a uint8 exponent e: 2^(e - 127), as float32 bits; e = 0 is 2^-127, subnormal
         e = scales.to(torch.int32)
         scale = torch.where(e == 0, 1 << 22, e << 23).view(torch.float32)
-    return (values[groups.int()] * scale[..., None]).flatten(-2).to(dtype)
+    return values.mul_(scale[..., None]).flatten(-2).to(dtype)
 
 
 ELEMENTS_AT_ONCE = 1 << 21  # weights dequantized at once, in blocks of rows: 4 MiB in bfloat16
@@ -152,11 +163,7 @@ class FP8Linear(QuantizedLinear):
     def weight_of(
         self, rows: torch.Tensor | slice = slice(None), out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        codes = self.codes[rows]
-        if codes.device.type == "mps":  # no float8 there: the table
-            values = values_of("e4m3", codes.device)[codes.int()]  # (out, in): E4M3's values
-        else:  # torch's own cast, the table's values (tested)
-            values = codes.view(torch.float8_e4m3fn).float()
+        values = e4m3_values(self.codes[rows])  # (out, in) float32
         n, scales = values.shape[-1], self.scales[rows]
         if n % self.width == 0:  # whole blocks: each scale broadcast over its block
             blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
