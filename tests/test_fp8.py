@@ -25,6 +25,29 @@ def test_the_e4m3_table_is_torchs():
     assert np.array_equal(E4M3[~np.isnan(E4M3)], theirs[~np.isnan(theirs)])
 
 
+def test_torch_reads_e4m3_as_the_table_does():
+    """torch's kept FP8 layers: every finite code through bfloat16's bits as the table, and a
+    layer that holds a NaN code reads it as NaN (through torch's cast)."""
+    import torch
+
+    from backends.torch.quantized import FP8Linear, e4m3_values
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = ~np.isnan(E4M3)
+    assert np.array_equal(e4m3_values(codes[finite], finite=True).numpy(), E4M3[finite])
+    assert np.array_equal(
+        np.signbit(e4m3_values(codes[finite], True).numpy()), np.signbit(E4M3[finite])
+    )
+    for code, nan in ((0x7E, False), (0x7F, True), (0xFF, True)):
+        raw = np.full((16, 16), code, np.uint8)
+        t = FP8Tensor(
+            RawTensor("float8_e4m3", raw), from_numpy(np.ones((1, 1)), "float32"), (16, 16)
+        )
+        layer = FP8Linear.of(t, torch.float32, torch.device("cpu"))
+        assert layer.finite is not nan
+        assert np.isnan(layer.weight_of().numpy()).all() == nan
+
+
 def test_mlx_reads_e4m3_as_the_table_does():
     """MLX's kept FP8 layers decode their bytes by mx.from_fp8: every code as our table."""
     import mlx.core as mx

@@ -55,11 +55,18 @@ def values_of(kind: str, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(E4M3 if kind == "e4m3" else FP4).to(device)
 
 
-def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
+def e4m3_values(codes: torch.Tensor, finite: bool = False) -> torch.Tensor:
     """uint8 E4M3 codes -> their float32 values: torch's own cast (equal to the table on every
-    code, tested), several times faster than looking them up; MPS has no float8: the table."""
+    code, tested); MPS has no float8: the table. ``finite``, where no code is NaN (0x7F, 0xFF):
+    on a CPU the bits moved to bfloat16's places, the exponent's bias 127 where E4M3's is 7, so
+    times 2^120 (subnormals too), exact and three times faster than torch's cast there."""
     if codes.device.type == "mps":
         return values_of("e4m3", codes.device)[codes.int()]
+    if finite and codes.device.type == "cpu":
+        bits = codes.to(torch.int16)  # s eeee mmm -> s 0000eeee mmm0000, in place
+        sign = (bits & 0x80).bitwise_left_shift_(8)
+        bits.bitwise_and_(0x7F).bitwise_left_shift_(4).bitwise_or_(sign)
+        return bits.view(torch.bfloat16).float().mul_(2.0**120)
     return codes.view(torch.float8_e4m3fn).float()
 
 
@@ -156,6 +163,7 @@ class FP8Linear(QuantizedLinear):
         layer = cls(codes, scales, None, None, dtype)
         layer.width = min(t.block[1], t.shape[1])  # inputs per block (all: one scale a row)
         layer.act_scale, layer.scaled = t.act_scale, scaled
+        layer.finite = not bool(((codes & 0x7F) == 0x7F).any())  # no NaN code (e4m3_values)
         if scaled:  # each block's scales in a row of their own, as _scaled_mm takes them
             layer.register_buffer("block_scales", layer.scales.T.contiguous(), persistent=False)
         return layer
@@ -163,7 +171,7 @@ class FP8Linear(QuantizedLinear):
     def weight_of(
         self, rows: torch.Tensor | slice = slice(None), out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        values = e4m3_values(self.codes[rows])  # (out, in) float32
+        values = e4m3_values(self.codes[rows], self.finite)  # (out, in) float32
         n, scales = values.shape[-1], self.scales[rows]
         if n % self.width == 0:  # whole blocks: each scale broadcast over its block
             blocks = values.unflatten(-1, (scales.shape[-1], -1))  # (out, in / width, width)
