@@ -26,8 +26,9 @@ def test_the_e4m3_table_is_torchs():
 
 
 def test_torch_reads_e4m3_as_the_table_does():
-    """torch's kept FP8 layers: every finite code through bfloat16's bits as the table, and a
-    layer that holds a NaN code reads it as NaN (through torch's cast)."""
+    """torch's kept FP8 layers: every finite code through bfloat16's bits as the table, also
+    where float32 flushes subnormals (then through torch's cast), and a layer that holds a NaN
+    code reads it as NaN (through torch's cast)."""
     import torch
 
     from backends.torch.quantized import FP8Linear, e4m3_values
@@ -38,6 +39,12 @@ def test_torch_reads_e4m3_as_the_table_does():
     assert np.array_equal(
         np.signbit(e4m3_values(codes[finite], True).numpy()), np.signbit(E4M3[finite])
     )
+    subnormal = codes[1:8]  # 2^-9 to 7 * 2^-9: flushed to 0 where float32 flushes subnormals
+    try:
+        torch.set_flush_denormal(True)
+        assert np.array_equal(e4m3_values(subnormal, finite=True).numpy(), E4M3[1:8])
+    finally:
+        torch.set_flush_denormal(False)
     for code, nan in ((0x7E, False), (0x7F, True), (0xFF, True)):
         raw = np.full((16, 16), code, np.uint8)
         t = FP8Tensor(
@@ -566,3 +573,23 @@ def test_fp8_modes_are_for_our_backends_and_fp8_folders(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(mistral.MistralError, match="fp8 dequantize is for FP8 weights"):
         mistral.from_tensors(args, random_weights(args), device="cpu", fp8="dequantize")
+
+
+def test_compiled_fp8_layers_run_in_one_graph(tmp_path):
+    """--compile on an FP8 folder kept in FP8: one graph (the fast CPU read of the codes has no
+    place in a compiled one), the greedy tokens of eager, logits to float32 rounding."""
+    import torch._dynamo
+
+    args = tiny("tiny-dense")
+    folder = tmp_path / "fp8"
+    fp8_folder(folder, args)
+    eager = mistral.load(folder, device="cpu", dtype="float32")
+    compiled = mistral.load(folder, device="cpu", dtype="float32", compile=True)
+    assert type(compiled.runner.model.layers[0].attention.wq).__name__ == "FP8Linear"
+    rows = random_rows([9, 6], args.vocab_size, 4)
+    torch._dynamo.utils.counters.clear()
+    tokens = compiled.generate(rows, 8)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert tokens == eager.generate(rows, 8)
+    full = [r + t for r, t in zip(rows, tokens, strict=True)]
+    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5

@@ -99,8 +99,8 @@ def test_cuda_bench_with_compile_reports_sane_numbers():
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_cuda_keeps_quantized_codes_and_matches_cpu(tmp_path, bits):
-    """The torch backend's layers unpack and dequantize mlx-lm's codes on the device (2/4/8 bits
-    through the words' bytes, 3/5/6 through int32 words): the same bits as on the CPU."""
+    """The torch backend's layers unpack and dequantize mlx-lm's codes on the device (from the
+    words' bytes, 3 bits across them): the same bits as on the CPU."""
     cuda_or_skip()
     from mistral.checkpoint import write_checkpoint
     from mistral.quant import Quantization

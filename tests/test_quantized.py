@@ -513,18 +513,26 @@ def test_convert_quantize_of_a_mixtral_writes_what_mlx_lm_writes(tmp_path, bits,
     assert max_diff(torch_logits, mlx_logits) <= 1e-4
 
 
-def test_the_compiled_decode_step_keeps_the_codes(quantized):
+def test_the_compiled_decode_step_keeps_the_codes(quantized, monkeypatch):
     """--compile on mlx-lm's 4-bit folder: torch.compile of the decode step with the quantized
-    layers in it (inductor compiles each block's unpacking and dequantization into one kernel
-    before its product; on CUDA the step replays as a CUDA graph): the codes stay codes, greedy
-    tokens equal eager's, logits to float32 rounding (the compiled dequantization may round
-    code * scale + bias once where eager rounds twice)."""
+    layers in it, the output in 2 blocks of rows, the last ragged (inductor compiles the
+    unpacking and dequantization of each block; on CUDA the step replays as a CUDA graph): one
+    graph, no break; the codes stay codes, greedy tokens equal eager's, logits to float32
+    rounding (the compiled dequantization may round code * scale + bias once where eager rounds
+    twice)."""
+    import torch._dynamo
+
+    from backends.torch import quantized as layers
+
+    monkeypatch.setattr(layers, "ELEMENTS_AT_ONCE", 1100 * BASE.dim)  # the output: 2 blocks
     eager = mistral.load(quantized, device="cpu", dtype="float32")
     compiled = mistral.load(quantized, device="cpu", dtype="float32", compile=True)
     wq = compiled.runner.model.layers[0].attention.wq
     assert type(wq).__name__ == "QuantizedLinear" and compiled.runner.decode_model is not None
     rows = random_rows([10, 7], BASE.vocab_size, 10)
+    torch._dynamo.utils.counters.clear()
     tokens = compiled.generate(rows, 12)
+    assert not torch._dynamo.utils.counters["graph_break"]
     assert tokens == eager.generate(rows, 12)
     full = [r + t for r, t in zip(rows, tokens, strict=True)]
     assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5

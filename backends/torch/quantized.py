@@ -38,14 +38,15 @@ def unpack(words: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
     codes = out.view(*groups.shape[:-1], per)  # code j of each group at [..., j]
     for j in range(per):
         k, r = divmod(j * bits, 8)  # code j starts at bit r of the group's byte k
-        byte, dest = groups[..., k], codes[..., j]
+        byte = groups[..., k]
         if r + bits > 8:  # the high part from the next byte
-            high = (groups[..., k + 1] << (8 - r)).bitwise_and_(mask)
-            torch.bitwise_or(byte >> r, high, out=dest)
+            code = (byte >> r) | (groups[..., k + 1] << (8 - r)).bitwise_and_(mask)
         elif r + bits == 8:  # the byte's top code: nothing above it to mask
-            torch.bitwise_right_shift(byte, r, out=dest)
+            code = byte >> r
         else:
-            torch.bitwise_and(byte >> r if r else byte, mask, out=dest)
+            code = (byte >> r if r else byte) & mask
+        # copy_, not out=: torch.compile cannot trace an out= that is not contiguous
+        codes[..., j].copy_(code)
     return codes.flatten(-2)
 
 
@@ -55,14 +56,22 @@ def values_of(kind: str, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(E4M3 if kind == "e4m3" else FP4).to(device)
 
 
+def subnormals_kept() -> bool:
+    """Whether float32 products here keep subnormals (torch.set_flush_denormal(True) flushes
+    them, and E4M3's subnormals pass through float32's on e4m3_values' fast path)."""
+    return torch.tensor([1], dtype=torch.int32).view(torch.float32).mul_(2.0**120).item() != 0
+
+
 def e4m3_values(codes: torch.Tensor, finite: bool = False) -> torch.Tensor:
     """uint8 E4M3 codes -> their float32 values: torch's own cast (equal to the table on every
     code, tested); MPS has no float8: the table. ``finite``, where no code is NaN (0x7F, 0xFF):
     on a CPU the bits moved to bfloat16's places, the exponent's bias 127 where E4M3's is 7, so
-    times 2^120 (subnormals too), exact and three times faster than torch's cast there."""
+    times 2^120 (subnormals too, unless they are flushed), exact and three times faster than
+    torch's cast there."""
     if codes.device.type == "mps":
         return values_of("e4m3", codes.device)[codes.int()]
-    if finite and codes.device.type == "cpu":
+    compiling = torch.compiler.is_compiling()  # inductor writes its own cast; .item() would break
+    if finite and codes.device.type == "cpu" and not compiling and subnormals_kept():
         bits = codes.to(torch.int16)  # s eeee mmm -> s 0000eeee mmm0000, in place
         sign = (bits & 0x80).bitwise_left_shift_(8)
         bits.bitwise_and_(0x7F).bitwise_left_shift_(4).bitwise_or_(sign)
@@ -133,7 +142,7 @@ class QuantizedLinear(nn.Module):
         into = out if self.biases is not None else None  # the float modes index by the codes
         codes = unpack(self.codes[rows], self.q.bits, into)
         w = dequantize(codes, self.scales[rows], biases, self.q, self.dtype)
-        return w if out is None or w is out else out.copy_(w)
+        return out.copy_(w) if out is not None and into is None else w  # affine: in out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In blocks of output rows, each dequantized into one buffer: only a block is ever
