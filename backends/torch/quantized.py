@@ -42,7 +42,7 @@ def unpack(words: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
         if r + bits > 8:  # the high part from the next byte
             code = (byte >> r) | (groups[..., k + 1] << (8 - r)).bitwise_and_(mask)
         elif r + bits == 8:  # the byte's top code: nothing above it to mask
-            code = byte >> r
+            code = byte >> r if r else byte  # 8 bits: the byte itself
         else:
             code = (byte >> r if r else byte) & mask
         # copy_, not out=: torch.compile cannot trace an out= that is not contiguous
