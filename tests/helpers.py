@@ -163,3 +163,16 @@ def tekken_as(version: str, dest: Path) -> Path:
     data["config"]["version"] = version
     dest.write_text(json.dumps(data))
     return dest
+
+
+def assert_compiled_agrees(eager, compiled, rows: list[list[int]], n: int) -> None:
+    """A compiled model against its eager twin: ``n`` greedy tokens in one graph (no graph
+    break), the same tokens, and logits to float32 rounding (1e-5)."""
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    tokens = compiled.generate(rows, n)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert tokens == eager.generate(rows, n)
+    full = [r + t for r, t in zip(rows, tokens, strict=True)]
+    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5

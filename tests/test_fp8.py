@@ -14,7 +14,7 @@ from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.fp8 import E4M3, FP8Tensor
 from mistral.safetensors_file import write_tensors
 from mistral.weights import RawTensor, from_numpy, random_weights
-from tests.helpers import max_diff, random_rows, tiny
+from tests.helpers import assert_compiled_agrees, max_diff, random_rows, tiny
 
 
 def test_the_e4m3_table_is_torchs():
@@ -578,18 +578,10 @@ def test_fp8_modes_are_for_our_backends_and_fp8_folders(tmp_path):
 def test_compiled_fp8_layers_run_in_one_graph(tmp_path):
     """--compile on an FP8 folder kept in FP8: one graph (the fast CPU read of the codes has no
     place in a compiled one), the greedy tokens of eager, logits to float32 rounding."""
-    import torch._dynamo
-
     args = tiny("tiny-dense")
     folder = tmp_path / "fp8"
     fp8_folder(folder, args)
     eager = mistral.load(folder, device="cpu", dtype="float32")
     compiled = mistral.load(folder, device="cpu", dtype="float32", compile=True)
     assert type(compiled.runner.model.layers[0].attention.wq).__name__ == "FP8Linear"
-    rows = random_rows([9, 6], args.vocab_size, 4)
-    torch._dynamo.utils.counters.clear()
-    tokens = compiled.generate(rows, 8)
-    assert not torch._dynamo.utils.counters["graph_break"]
-    assert tokens == eager.generate(rows, 8)
-    full = [r + t for r, t in zip(rows, tokens, strict=True)]
-    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
+    assert_compiled_agrees(eager, compiled, random_rows([9, 6], args.vocab_size, 4), 8)

@@ -15,7 +15,14 @@ from mistral.hf_tokenizer import tokenizer_files
 from mistral.quant import Quantization, QuantizedTensor, dequantize, quantize
 from mistral.tokenizer import Tokenizer
 from mistral.weights import RawTensor, from_numpy, random_weights
-from tests.helpers import ROOT, max_diff, mlx_lm_logits, random_rows, tiny
+from tests.helpers import (
+    ROOT,
+    assert_compiled_agrees,
+    max_diff,
+    mlx_lm_logits,
+    random_rows,
+    tiny,
+)
 
 TOKENIZER = ROOT / "mistral" / "default_model" / "tokenizer.model"
 
@@ -520,8 +527,6 @@ def test_the_compiled_decode_step_keeps_the_codes(quantized, monkeypatch):
     graph, no break; the codes stay codes, greedy tokens equal eager's, logits to float32
     rounding (the compiled dequantization may round code * scale + bias once where eager rounds
     twice)."""
-    import torch._dynamo
-
     from backends.torch import quantized as layers
 
     monkeypatch.setattr(layers, "ELEMENTS_AT_ONCE", 1100 * BASE.dim)  # the output: 2 blocks
@@ -529,10 +534,4 @@ def test_the_compiled_decode_step_keeps_the_codes(quantized, monkeypatch):
     compiled = mistral.load(quantized, device="cpu", dtype="float32", compile=True)
     wq = compiled.runner.model.layers[0].attention.wq
     assert type(wq).__name__ == "QuantizedLinear" and compiled.runner.decode_model is not None
-    rows = random_rows([10, 7], BASE.vocab_size, 10)
-    torch._dynamo.utils.counters.clear()
-    tokens = compiled.generate(rows, 12)
-    assert not torch._dynamo.utils.counters["graph_break"]
-    assert tokens == eager.generate(rows, 12)
-    full = [r + t for r, t in zip(rows, tokens, strict=True)]
-    assert max_diff(compiled.logits(full, chunk_size=1), eager.logits(full, chunk_size=1)) <= 1e-5
+    assert_compiled_agrees(eager, compiled, random_rows([10, 7], BASE.vocab_size, 10), 12)
