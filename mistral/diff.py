@@ -81,9 +81,9 @@ def load_side(spec: str, ckpt: Checkpoint, fp8: str = "keep") -> tuple[str, Side
     backend, device, dtype = [*parts, None, None][:3]
     device, dtype = device or None, dtype or None
     side: Side
-    if backend in REFERENCES and fp8 != "keep":
-        raise MistralError(f"side {spec!r}: fp8 {fp8} is for our backends (torch, mlx)")
     if backend in REFERENCES:  # contract.Reference does not declare step_taps yet
+        if fp8 != "keep":
+            raise MistralError(f"side {spec!r}: fp8 {fp8} is for our backends (torch, mlx)")
         side = cast(Side, reference(backend, ckpt.args, ckpt.tensors, device, dtype))
     else:
         built = (ckpt.args, ckpt.tensors, backend, device, dtype, str(ckpt.path))

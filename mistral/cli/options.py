@@ -44,8 +44,8 @@ class ModelOptions:
     multiplied in FP8 (torch._scaled_mm, on CUDA GPUs of compute capability 8.9+ and the CPU;
     MLX, which has none, emulates it in float32), the activations quantized to e4m3 too (the
     folder's static scale, or per token and block of inputs), as vLLM's and transformers' FP8
-    kernels do. keep and dequantize multiply the same
-    weights (their logits differ at most by the product kernels' order of summation)."""
+    kernels do. keep and dequantize multiply the same weights (their logits differ at most by
+    the product kernels' order of summation)."""
 
     def load(self) -> mistral.Model:
         """The model with its tokenizer (--tokenizer, or the one in the folder), which it needs:
