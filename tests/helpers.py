@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,15 @@ from mistral.args import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "mistral" / "configs"  # mistral.checkpoint.CONFIGS
+
+
+def run_cli(*argv: str, code: str = "") -> subprocess.CompletedProcess:
+    """``mistral ARGV`` in a fresh interpreter from the repository root, after ``code`` (e.g. a
+    patch that plants a failure); its output captured."""
+    script = code + "\nimport sys, mistral.cli\nsys.exit(mistral.cli.main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT, check=False
+    )
 
 
 def tiny(name: str) -> ModelArgs:

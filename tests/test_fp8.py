@@ -14,7 +14,7 @@ from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.fp8 import E4M3, FP8Tensor
 from mistral.safetensors_file import write_tensors
 from mistral.weights import RawTensor, from_numpy, random_weights
-from tests.helpers import assert_compiled_agrees, max_diff, random_rows, tiny
+from tests.helpers import assert_compiled_agrees, max_diff, random_rows, run_cli, tiny
 
 
 def test_the_e4m3_table_is_torchs():
@@ -469,7 +469,6 @@ def test_fp8_scaled_is_refused_where_it_cannot_run(tmp_path):
     """generate --fp8 scaled runs on both backends here; a device without FP8 products is named
     in one line, exit 1."""
     from mistral.checkpoint import DEFAULT_MODEL
-    from tests.test_hostile import run_cli
 
     fp8_folder(tmp_path / "f", read_checkpoint(DEFAULT_MODEL).args)
     argv = ["generate", "--model", str(tmp_path / "f"), "--tokenizer"]
@@ -522,19 +521,12 @@ def test_diff_holds_two_sides_of_one_folder_to_their_dtypes(tmp_path):
     """diff of one FP8 folder on torch and MLX, both multiplying in FP8: the codes are the same
     on both sides, so each tap is held to float32's 1e-5, not to the quantization's 0.2; a
     side dequantizing against one multiplying in FP8 is held to fp8 scaled's."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
     fp8_folder(tmp_path / "f", tiny("tiny-window"))
-    run = [sys.executable, "-m", "mistral", "diff", "--model", str(tmp_path / "f"), "--tokens",
-           "1,5,9,200,17,3,44", "--a", "torch:cpu:float32", "--b", "mlx:cpu:float32",
-           "--a-fp8", "scaled"]  # fmt: skip
+    run = ["diff", "--model", str(tmp_path / "f"), "--tokens", "1,5,9,200,17,3,44",
+           "--a", "torch:cpu:float32", "--b", "mlx:cpu:float32", "--a-fp8", "scaled"]  # fmt: skip
     for b_fp8, tolerance in (("scaled", 1e-5), ("keep", 0.2)):
         out = tmp_path / f"{b_fp8}.json"
-        done = subprocess.run([*run, "--b-fp8", b_fp8, "--json", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, check=False)  # fmt: skip
+        done = run_cli(*run, "--b-fp8", b_fp8, "--json", str(out))
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(out.read_text())
         assert report["agree"] and {t["tolerance"] for t in report["taps"]} == {tolerance}

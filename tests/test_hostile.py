@@ -21,7 +21,7 @@ from mistral.checkpoint import read_checkpoint, write_checkpoint
 from mistral.npz_file import read_npz
 from mistral.safetensors_file import read_tensors
 from mistral.weights import random_weights
-from tests.helpers import ROOT, tiny
+from tests.helpers import ROOT, run_cli, tiny
 
 
 def safetensors(path, header: dict, data: bytes) -> None:
@@ -124,13 +124,6 @@ def test_npz_members_are_mapped_and_checked(tmp_path):
         zf.writestr("a.npy", b"\x80\x04K\x01.")  # a raw pickle, not an .npy
     with pytest.raises(MistralError, match="unreadable npz"):
         read_npz(tmp_path / "p.npz")
-
-
-def run_cli(*argv: str, code: str = "") -> subprocess.CompletedProcess:
-    script = code + "\nimport sys, mistral.cli\nsys.exit(mistral.cli.main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT, check=False
-    )
 
 
 def test_convert_refuses_unknown_tensors_and_leaves_nothing(tmp_path):
